@@ -1,0 +1,49 @@
+"""Shared machinery of truncation samplers: the bad-logit policy and applying a "keep the top-k" rule.
+
+Policy, identical for every truncation sampler:
+
+* NaN logits are treated as -inf;
+* a row with any +inf logit keeps exactly its +inf tokens, returned as logit 0 (uniform among them), so a
+  downstream softmax never sees inf - inf;
+* a row with no finite logit (all -inf / NaN) is returned as all -inf;
+* every other row keeps at least its argmax token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def truncate_top_n(logits: torch.Tensor, top_n: int,
+                   keep_count: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Keep, in each row, the ``keep_count`` most likely tokens among its ``top_n`` largest logits.
+
+    ``keep_count(top_logits[B, N], lse[B])`` sees the sorted top-N logits of sanitised rows and the
+    log-sum-exp of the whole row (so ``exp(top_logits - lse)`` are full-vocabulary probabilities), and
+    returns an int tensor [B] of counts; counts are clamped to [1, N]. ``logits`` is modified in place.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    if logits.shape[0] == 0 or logits.shape[1] == 0:
+        return logits
+    logits.nan_to_num_(nan=NEG_INF, posinf=float("inf"), neginf=NEG_INF)
+    n = min(top_n, logits.shape[1])
+    top_logits, top_idx = torch.topk(logits, n, dim=-1, largest=True, sorted=True)
+    # Row maxima come free with top-k: +inf marks the "keep the infinities" rows, -inf the empty ones.
+    posinf_rows = torch.isposinf(top_logits[:, 0])
+    posinf_saved = logits[posinf_rows].isposinf() if bool(posinf_rows.any()) else None
+
+    with torch.no_grad():
+        lse = torch.logsumexp(logits, dim=-1)
+        count = keep_count(top_logits, lse).clamp_(1, n)
+    ranks = torch.arange(n, device=logits.device)
+    kept = top_logits.masked_fill_(ranks.unsqueeze(0) >= count.unsqueeze(1), NEG_INF)
+    logits.fill_(NEG_INF).scatter_(1, top_idx, kept)
+
+    if posinf_saved is not None:
+        logits[posinf_rows] = torch.where(posinf_saved, 0.0, NEG_INF).to(logits.dtype)
+    return logits

@@ -1,0 +1,98 @@
+"""Tiny local models for tests and the bundled code LM's architecture. No hub is ever contacted.
+
+Every builder writes a ``save_pretrained`` directory (config, safetensors weights, tokenizer) that both
+transformers and vLLM load natively. Weights are seeded, so a given builder call is reproducible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..io import atomic_directory
+
+#: The bundled code LM (weights + tokenizer) shipped inside the package.
+CODE_LM_DIR = Path(__file__).resolve().parent.parent / "assets" / "code-lm"
+
+
+def code_lm_path() -> Path:
+    """Directory of the bundled, trained code LM; raise a clear error if the package lacks it."""
+    if not (CODE_LM_DIR / "config.json").exists():
+        raise FileNotFoundError(
+            f"bundled code LM missing at {CODE_LM_DIR}; train it with `python -m llmgraft.testing.code_lm`")
+    return CODE_LM_DIR
+
+
+def load_tokenizer(path: Path | None = None):
+    """The bundled byte-level BPE tokenizer (trained on the stdlib), or the one saved at ``path``."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path or CODE_LM_DIR))
+
+
+def llama_config(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
+                 max_positions: int = 1024, **extra):
+    """A LlamaConfig with EOS/BOS id 0 (the BPE's ``<|endoftext|>``) and tied embeddings."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=max_positions,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        rope_theta=10000.0, **extra)
+
+
+def code_lm_config(vocab_size: int):
+    """Architecture of the bundled code LM: Llama, 4 layers, d=256, head_dim 64 (~3.6M parameters)."""
+    return llama_config(vocab_size, hidden=256, layers=4, heads=4, kv_heads=4, intermediate=768)
+
+
+def _save(model, tokenizer, out_dir: Path) -> Path:
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def _seeded(config_cls_model, config, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    model = config_cls_model(config)
+    # Random init with std 0.02 gives near-uniform logits; widen it so sampling tests see peaked rows.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 1.0)
+    return model.eval()
+
+
+def build_tiny_llama(out_dir: str | Path, seed: int = 0) -> Path:
+    """Random-weight 2-layer Llama (head_dim 32) on the bundled tokenizer, in about a second."""
+    from transformers import LlamaForCausalLM
+
+    tok = load_tokenizer()
+    cfg = llama_config(len(tok), hidden=64, layers=2, heads=2, kv_heads=2, intermediate=128)
+    return _save(_seeded(LlamaForCausalLM, cfg, seed), tok, Path(out_dir))
+
+
+def build_tiny_mixtral(out_dir: str | Path, seed: int = 0) -> Path:
+    """Random-weight 2-layer Mixtral with 4 experts (top-2) on the bundled tokenizer."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tok = load_tokenizer()
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=2, intermediate_size=128, num_local_experts=4,
+                        num_experts_per_tok=2, max_position_embeddings=1024, bos_token_id=0, eos_token_id=0,
+                        pad_token_id=0, tie_word_embeddings=False)
+    return _save(_seeded(MixtralForCausalLM, cfg, seed), tok, Path(out_dir))
+
+
+def build_tiny_qwen2_moe(out_dir: str | Path, seed: int = 0) -> Path:
+    """Random-weight 2-layer Qwen2-MoE with 4 routed experts (top-2) plus a shared expert."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    tok = load_tokenizer()
+    cfg = Qwen2MoeConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=128, moe_intermediate_size=64,
+                         shared_expert_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+                         decoder_sparse_step=1, max_position_embeddings=1024, bos_token_id=0, eos_token_id=0,
+                         pad_token_id=0, tie_word_embeddings=False)
+    return _save(_seeded(Qwen2MoeForCausalLM, cfg, seed), tok, Path(out_dir))
