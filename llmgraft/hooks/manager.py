@@ -120,6 +120,16 @@ class Registry:
         self.load_errors[origin] = message
         warnings.warn(f"llmgraft: plugin {origin} skipped: {message}", RuntimeWarning, stacklevel=3)
 
+    def add_plugin(self, plugin: Any, name: str | None = None) -> bool:
+        """Register a plugin object (module or class instance) by hand, e.g. from a notebook or a test.
+
+        Returns False, with the reason in :attr:`load_errors`, if it was rejected.
+        """
+        name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+        errors_before = dict(self.load_errors)
+        self._add(name, plugin, name)
+        return self.load_errors == errors_before
+
     # -- queries ------------------------------------------------------------------------------------------
     def get(self, family: str, name: str) -> Any:
         """The method object ``name`` of ``family``; an unknown name lists the available ones."""

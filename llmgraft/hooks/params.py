@@ -63,6 +63,9 @@ class Params:
         except TypeError as exc:  # e.g. a required field missing
             raise ParamError(f"{cls.owner}: {exc}") from None
 
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     @classmethod
     def describe(cls) -> list[tuple[str, str, Any]]:
         """(name, type, default) for each field, for ``llmgraft plugins`` and docs."""

@@ -115,7 +115,7 @@ def resolve_sampler(fields: Mapping[str, Any] | None, default: SamplerChoice | N
     if default is not None and choice.sampler.name == default.sampler.name and fields:
         registry = registry or get_registry()
         _, found = _split(fields, registry)
-        base = {k: getattr(default.params, k) for k in default.params.__dataclass_fields__}
+        base = default.params.to_dict()
         base.update(found.get(choice.sampler.name, {}))
         return SamplerChoice(choice.sampler, choice.sampler.params_cls.from_mapping(base))
     return choice

@@ -47,7 +47,9 @@ def _paper_count(top_logits: torch.Tensor, lse: torch.Tensor, alpha: torch.Tenso
     mass = p.cumsum(dim=-1)
     # H(q_k) = S_k / Γ_k + log Γ_k for q_k = p / Γ_k over the first k tokens.
     h_prefix = s / mass + mass.log()
-    ok = (h_prefix <= alpha.double().unsqueeze(1) * full_entropy.double().unsqueeze(1)) & (p > 0)
+    bound = alpha.double().unsqueeze(1) * full_entropy.double().unsqueeze(1)
+    # The slack absorbs float64 rounding, so at alpha = 1 the whole vocabulary (H(q) = H(p)) is kept.
+    ok = (h_prefix <= bound + 1e-9 * bound.abs().clamp(min=1.0)) & (p > 0)
     # Length of the leading run of True: index of the first violation (or N when there is none).
     return ok.long().cumprod(dim=-1).sum(dim=-1)
 

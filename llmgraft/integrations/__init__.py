@@ -1,0 +1,1 @@
+"""Adapters that carry llmgraft plugins into host frameworks. No algorithm lives here."""

@@ -1,0 +1,1 @@
+"""PEFT integration (adapter tuners such as MoS, merge drivers). Filled in by the MoS and merging work."""

@@ -1,0 +1,39 @@
+"""transformers integration: any registered llmgraft sampler as a ``LogitsProcessor`` for ``generate``.
+
+    proc = GraftLogitsProcessor("top_h", temperature=0.8, alpha=0.4)
+    model.generate(**inputs, do_sample=True, temperature=0.8, logits_processor=[proc])
+
+``generate`` runs custom processors *before* its temperature warper, while llmgraft samplers are defined
+on temperature-scaled logits. So the processor scales by the same ``temperature`` you pass to ``generate``,
+applies the sampler, and scales back; the warper then divides again and sampling sees exactly
+``sampler(logits / T)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor
+
+from ...hooks import ParamError, get_registry
+
+
+class GraftLogitsProcessor(LogitsProcessor):
+    """Wraps the llmgraft sampler ``sampler`` (a registered name) with fixed parameters for all rows."""
+
+    def __init__(self, sampler: str = "top_h", temperature: float = 1.0, **params) -> None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ParamError(f"temperature must be a positive number, got {temperature!r}")
+        self.sampler = get_registry().get("sampler", sampler)
+        self.params = self.sampler.params_cls.from_mapping(params)
+        self.temperature = float(temperature)
+        self._stacked: dict[tuple[int, torch.device], object] = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        key = (scores.shape[0], scores.device)
+        if key not in self._stacked:
+            self._stacked[key] = self.params.stack([self.params] * scores.shape[0], device=scores.device)
+        scaled = scores / self.temperature
+        return self.sampler.apply(scaled, self._stacked[key]).mul_(self.temperature)
+
+
+__all__ = ["GraftLogitsProcessor"]

@@ -1,0 +1,28 @@
+"""vLLM integration: entry points ``vllm.general_plugins`` (:func:`register`) and ``vllm.logits_processors``
+(:class:`GraftSampling`).
+
+vLLM imports this module in every engine of the environment and an import error there is fatal, so it
+imports only what the logits-processor interface needs; samplers load lazily on first use.
+"""
+
+from .sampling import GraftSampling
+
+
+def register() -> None:
+    """vLLM general-plugin hook, run in every vLLM process (front end and workers).
+
+    Loads the llmgraft registry so that broken third-party plugins are reported in each process's log at
+    start-up rather than on the first request that names them.
+    """
+    import logging
+
+    from ...hooks import get_registry
+
+    registry = get_registry()
+    log = logging.getLogger("llmgraft")
+    log.info("llmgraft plugins: %s", ", ".join(f"{e.family}:{e.name}" for e in registry.all_entries()))
+    for origin, message in registry.load_errors.items():
+        log.warning("llmgraft plugin %s skipped: %s", origin, message)
+
+
+__all__ = ["GraftSampling", "register"]

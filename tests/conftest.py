@@ -1,0 +1,75 @@
+"""Shared fixtures: a scratch area, fixture plugin packages installed with pip, tiny models, one vLLM engine.
+
+vLLM settings must be in the environment before vLLM is imported, so they are set at collection time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRATCH = ROOT / ".scratch" / "tests"
+SCRATCH.mkdir(parents=True, exist_ok=True)
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("VLLM_CACHE_ROOT", str(SCRATCH / "vllm-cache"))
+os.environ["TMPDIR"] = str(SCRATCH / "tmp")
+Path(os.environ["TMPDIR"]).mkdir(parents=True, exist_ok=True)
+tempfile.tempdir = None
+
+
+def pip_install_target(package_dir: Path, target: Path) -> Path:
+    """Really ``pip install`` a fixture plugin package into an isolated directory (no venv mutation)."""
+    if not target.exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                        "--no-index", "--target", str(target), str(package_dir)], check=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory) -> Path:
+    """The example third-party plugin ``llmgraft-top-a`` installed with pip and on ``sys.path``."""
+    from llmgraft.hooks import reset_registry
+
+    site = pip_install_target(PLUGINS / "llmgraft-top-a", tmp_path_factory.mktemp("site") / "top-a")
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    reset_registry()
+    yield site
+    sys.path.remove(str(site))
+    reset_registry()
+
+
+@pytest.fixture(scope="session")
+def broken_site(tmp_path_factory) -> Path:
+    """The broken fixture plugins, installed with pip into their own directory (not on sys.path)."""
+    return pip_install_target(PLUGINS / "llmgraft-broken", tmp_path_factory.mktemp("site") / "broken")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    from llmgraft.testing.models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def llm(tiny_llama, plugin_site):
+    """One in-process vLLM engine (KV cache sized) shared by the engine tests."""
+    from vllm import LLM
+
+    engine = LLM(model=str(tiny_llama), distributed_executor_backend="uni", enforce_eager=True,
+                 kv_cache_memory_bytes=64 << 20, max_model_len=512, dtype="float32", seed=0,
+                 max_num_seqs=16)
+    yield engine
+    del engine

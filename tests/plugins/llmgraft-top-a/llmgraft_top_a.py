@@ -1,0 +1,29 @@
+"""Top-A sampling as a third-party llmgraft plugin: keep tokens with p >= a * p_max**2."""
+from dataclasses import dataclass
+
+from llmgraft import ParamError, Params, hookimpl, per_row
+
+
+@dataclass(frozen=True)
+class TopAParams(Params):
+    owner = "top_a"
+    a: float = per_row(0.2)
+
+    def validate(self):
+        if not 0.0 <= self.a <= 1.0:
+            raise ParamError(f"top_a: a must be in [0, 1], got {self.a}")
+
+
+class TopA:
+    name, primary, params_cls = "top_a", "a", TopAParams
+    description = "Top-A: keep tokens with p >= a * p_max^2"
+
+    def apply(self, logits, params):  # logits [B, V], already temperature-scaled; params.a is [B]
+        probs = logits.softmax(dim=-1)
+        threshold = params.a.unsqueeze(1) * probs.amax(dim=-1, keepdim=True) ** 2
+        return logits.masked_fill_(probs < threshold, float("-inf"))
+
+
+@hookimpl
+def llmgraft_register_samplers(register):
+    register(TopA())
