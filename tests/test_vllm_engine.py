@@ -1,0 +1,122 @@
+"""A real in-process vLLM engine with GraftSampling loaded through its entry point.
+
+Sampled tokens are checked against the Top-H set that an independent forward pass of the same model in
+transformers implies, so the tests fail if the processor is not loaded, not applied, or applied wrongly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from llmgraft.kernels.top_h import top_h
+
+pytestmark = pytest.mark.engine
+
+PROMPTS = ["def parse(self, text):\n", "import os\n\nclass ", "for item in items:\n    ", "return {"]
+TEMPERATURE = 1.5
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+
+
+def step_logits(hf_model, output) -> tuple[torch.Tensor, list[int]]:
+    """Temperature-scaled logits [steps, V] before each generated token, and the tokens themselves."""
+    prompt, generated = list(output.prompt_token_ids), list(output.outputs[0].token_ids)
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt + generated])).logits[0]
+    return logits[len(prompt) - 1: len(prompt) - 1 + len(generated)] / TEMPERATURE, generated
+
+
+def outside_top_h(hf_model, outputs, alpha: float) -> int:
+    """How many sampled tokens fall outside the Top-H(alpha) set of the model's own distribution."""
+    misses = 0
+    for output in outputs:
+        logits, tokens = step_logits(hf_model, output)
+        allowed = torch.isfinite(top_h(logits.clone(), alpha))
+        misses += sum(not bool(allowed[i, t]) for i, t in enumerate(tokens))
+    return misses
+
+
+def params(seed: int, **extra_args):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=24, temperature=TEMPERATURE, seed=seed, ignore_eos=True,
+                          extra_args=extra_args or None)
+
+
+def test_top_h_per_request_restricts_sampling(llm, hf_model):
+    with_top_h = llm.generate(PROMPTS, [params(i, top_h=0.2) for i in range(4)], use_tqdm=False)
+    plain = llm.generate(PROMPTS, [params(i) for i in range(4)], use_tqdm=False)
+    # Top-H is monotone in alpha, so alpha=0.3 on HF's logits is a superset robust to tiny numeric drift.
+    assert outside_top_h(hf_model, with_top_h, 0.3) == 0
+    assert outside_top_h(hf_model, plain, 0.2) > 5  # without the processor, sampling roams wider
+
+
+def test_invalid_requests_are_rejected(llm):
+    from vllm.exceptions import VLLMValidationError  # what the OpenAI server turns into HTTP 400
+
+    for bad, message in (({"top_h": 1.5}, r"alpha must be in \(0, 1\]"),
+                         ({"top_h_variant": "nope"}, "must be one of"),
+                         ({"llmgraft_sampler": "missing"}, "no sampler named")):
+        with pytest.raises(VLLMValidationError, match=message):
+            llm.generate(["x = "], params(0, **bad), use_tqdm=False)
+
+
+def test_mixed_batch_third_party_and_greedy(llm, hf_model):
+    from vllm import SamplingParams
+
+    requests = [params(1, top_h=0.1, top_h_variant="paper"),
+                params(2, llmgraft_sampler="top_a", top_a_a=0.9),
+                params(3),
+                SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, extra_args={"top_h": 0.5})]
+    outputs = llm.generate(PROMPTS, requests, use_tqdm=False)
+
+    logits, tokens = step_logits(hf_model, outputs[0])
+    allowed = torch.isfinite(top_h(logits.clone(), 0.15, variant="paper"))
+    assert all(bool(allowed[i, t]) for i, t in enumerate(tokens))
+
+    logits, tokens = step_logits(hf_model, outputs[1])  # third-party Top-A: p >= 0.9 * p_max^2
+    probs = logits.softmax(-1)
+    margin = 0.8 * probs.amax(-1) ** 2
+    assert all(float(probs[i, t]) >= float(margin[i]) for i, t in enumerate(tokens))
+
+    logits, tokens = step_logits(hf_model, outputs[3])  # greedy rows are left alone: argmax each step
+    assert tokens == logits.argmax(-1).tolist()
+
+
+def test_processor_state_follows_batch_updates(llm):
+    """Drive the engine's own processor class through add / move / remove with real vLLM objects."""
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from llmgraft.integrations.vllm import GraftSampling
+
+    config = copy.copy(llm.llm_engine.vllm_config)
+    config.additional_config = {"llmgraft": {"sampler": "top_h", "top_h": 0.9}}
+    proc = GraftSampling(config, torch.device("cpu"), False)
+    x = torch.randn(4, 500, generator=torch.Generator().manual_seed(0)) * 2
+    added = [(0, SamplingParams(temperature=1.0, extra_args={"top_h": 0.1}), None, []),
+             (1, SamplingParams(temperature=1.0, extra_args={"llmgraft_sampler": "none"}), None, []),
+             (2, SamplingParams(temperature=1.0), None, []),      # gets the server default, alpha 0.9
+             (3, SamplingParams(temperature=0.0), None, [])]      # greedy: not tracked
+    proc.update_state(BatchUpdate(batch_size=4, removed=[], added=added, moved=[]))
+    out = proc.apply(x.clone())
+    assert torch.equal(out[0], top_h(x[:1].clone(), 0.1)[0])
+    assert torch.equal(out[1], x[1]) and torch.equal(out[3], x[3])
+    assert torch.equal(out[2], top_h(x[2:3].clone(), 0.9)[0])
+
+    proc.update_state(BatchUpdate(batch_size=4, removed=[], added=[],
+                                  moved=[(0, 1, MoveDirectionality.SWAP)]))
+    out = proc.apply(x.clone())
+    assert torch.equal(out[1], top_h(x[1:2].clone(), 0.1)[0]) and torch.equal(out[0], x[0])
+
+    proc.update_state(BatchUpdate(batch_size=2, removed=[1, 2], added=[], moved=[]))
+    assert proc.groups == [] and torch.equal(proc.apply(x[:2].clone()), x[:2])
+    proc.update_state(None)  # no change → nothing to do
