@@ -23,14 +23,20 @@ from .truncation import truncate_top_n
 VARIANTS = ("reference", "hf", "paper")
 
 
-def _reference_count(top_logits: torch.Tensor, lse: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    p = (top_logits.double() - lse.double().unsqueeze(1)).exp()
+def _full_probs(top_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary probabilities of the top-N tokens (float64), without materialising softmax over V."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return (top_logits.double() - lse.double().unsqueeze(1)).exp()
+
+
+def _reference_count(top_logits: torch.Tensor, logits: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    p = _full_probs(top_logits, logits)
     s = torch.special.xlogy(p, p).neg_().cumsum_(dim=-1)
     tau = alpha.double().unsqueeze(1) * s[:, -1:]
     return ((s <= tau) & (p > 0)).sum(dim=-1)
 
 
-def _hf_count(top_logits: torch.Tensor, lse: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def _hf_count(top_logits: torch.Tensor, _logits: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     # Mirrors transformers: Categorical(logits=top).entropy() for tau and cumsum(-q * log q) for S.
     logq = top_logits.float() - top_logits.float().logsumexp(dim=-1, keepdim=True)
     q = logq.softmax(dim=-1)
@@ -40,14 +46,13 @@ def _hf_count(top_logits: torch.Tensor, lse: torch.Tensor, alpha: torch.Tensor) 
     return ((s <= tau) & (q > 0)).sum(dim=-1)
 
 
-def _paper_count(top_logits: torch.Tensor, lse: torch.Tensor, alpha: torch.Tensor,
-                 full_entropy: torch.Tensor) -> torch.Tensor:
-    p = (top_logits.double() - lse.double().unsqueeze(1)).exp()
+def _paper_count(top_logits: torch.Tensor, logits: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    p = _full_probs(top_logits, logits)
     s = torch.special.xlogy(p, p).neg_().cumsum_(dim=-1)
     mass = p.cumsum(dim=-1)
     # H(q_k) = S_k / Γ_k + log Γ_k for q_k = p / Γ_k over the first k tokens.
     h_prefix = s / mass + mass.log()
-    bound = alpha.double().unsqueeze(1) * full_entropy.double().unsqueeze(1)
+    bound = alpha.double().unsqueeze(1) * full_entropy(logits).unsqueeze(1)
     # The slack absorbs float64 rounding, so at alpha = 1 the whole vocabulary (H(q) = H(p)) is kept.
     ok = (h_prefix <= bound + 1e-9 * bound.abs().clamp(min=1.0)) & (p > 0)
     # Length of the leading run of True: index of the first violation (or N when there is none).
@@ -55,7 +60,7 @@ def _paper_count(top_logits: torch.Tensor, lse: torch.Tensor, alpha: torch.Tenso
 
 
 def full_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) of softmax(logits) per row, with 0·log 0 = 0; float32 in, float64 out."""
+    """Shannon entropy (nats, float64) of softmax(logits) per row, with 0·log 0 = 0."""
     logp = torch.log_softmax(logits.double(), dim=-1)
     return -torch.where(torch.isfinite(logp), logp.exp() * logp, 0.0).sum(dim=-1)
 
@@ -69,9 +74,5 @@ def top_h(logits: torch.Tensor, alpha: torch.Tensor | float, top_n: int = 100,
     if variant not in VARIANTS:
         raise ValueError(f"top_h variant must be one of {VARIANTS}, got {variant!r}")
     alpha_t = torch.as_tensor(alpha, dtype=torch.float32, device=logits.device).expand(logits.shape[0])
-    if variant == "reference":
-        return truncate_top_n(logits, top_n, lambda top, lse: _reference_count(top, lse, alpha_t))
-    if variant == "hf":
-        return truncate_top_n(logits, top_n, lambda top, lse: _hf_count(top, lse, alpha_t))
-    entropy = full_entropy(torch.nan_to_num(logits, nan=float("-inf")))
-    return truncate_top_n(logits, top_n, lambda top, lse: _paper_count(top, lse, alpha_t, entropy))
+    rule = {"reference": _reference_count, "hf": _hf_count, "paper": _paper_count}[variant]
+    return truncate_top_n(logits, top_n, lambda top, rows: rule(top, rows, alpha_t))

@@ -22,28 +22,34 @@ def truncate_top_n(logits: torch.Tensor, top_n: int,
                    keep_count: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Keep, in each row, the ``keep_count`` most likely tokens among its ``top_n`` largest logits.
 
-    ``keep_count(top_logits[B, N], lse[B])`` sees the sorted top-N logits of sanitised rows and the
-    log-sum-exp of the whole row (so ``exp(top_logits - lse)`` are full-vocabulary probabilities), and
-    returns an int tensor [B] of counts; counts are clamped to [1, N]. ``logits`` is modified in place.
+    ``keep_count(top_logits[B, N], logits[B, V])`` sees the sorted top-N logits and the whole (sanitised)
+    rows, and returns an int tensor [B] of counts; counts are clamped to [1, N]. ``logits`` is modified in
+    place and returned.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
     if logits.shape[0] == 0 or logits.shape[1] == 0:
         return logits
-    logits.nan_to_num_(nan=NEG_INF, posinf=float("inf"), neginf=NEG_INF)
     n = min(top_n, logits.shape[1])
     top_logits, top_idx = torch.topk(logits, n, dim=-1, largest=True, sorted=True)
-    # Row maxima come free with top-k: +inf marks the "keep the infinities" rows, -inf the empty ones.
-    posinf_rows = torch.isposinf(top_logits[:, 0])
-    posinf_saved = logits[posinf_rows].isposinf() if bool(posinf_rows.any()) else None
+    # top-k sorts NaN first, so a non-finite row maximum flags every row needing the policy above;
+    # only those rows (rare) pay for sanitising, the common case makes no extra pass over the vocabulary.
+    special = ~torch.isfinite(top_logits[:, 0])
+    posinf_rows = posinf_saved = None
+    if bool(special.any()):
+        rows = special.nonzero().squeeze(1)
+        clean = logits[rows].nan_to_num_(nan=NEG_INF, posinf=float("inf"), neginf=NEG_INF)
+        logits[rows] = clean
+        top_logits[rows], top_idx[rows] = torch.topk(clean, n, dim=-1, largest=True, sorted=True)
+        has_posinf = torch.isposinf(clean).any(dim=-1)
+        posinf_rows, posinf_saved = rows[has_posinf], torch.isposinf(clean[has_posinf])
 
     with torch.no_grad():
-        lse = torch.logsumexp(logits, dim=-1)
-        count = keep_count(top_logits, lse).clamp_(1, n)
+        count = keep_count(top_logits, logits).clamp_(1, n)
     ranks = torch.arange(n, device=logits.device)
     kept = top_logits.masked_fill_(ranks.unsqueeze(0) >= count.unsqueeze(1), NEG_INF)
     logits.fill_(NEG_INF).scatter_(1, top_idx, kept)
 
-    if posinf_saved is not None:
+    if posinf_rows is not None and posinf_rows.numel():
         logits[posinf_rows] = torch.where(posinf_saved, 0.0, NEG_INF).to(logits.dtype)
     return logits
