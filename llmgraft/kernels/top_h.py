@@ -23,20 +23,19 @@ from .truncation import truncate_top_n
 VARIANTS = ("reference", "hf", "paper")
 
 
-def _full_probs(top_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary probabilities of the top-N tokens (float64), without materialising softmax over V."""
-    lse = torch.logsumexp(logits, dim=-1)
-    return (top_logits.double() - lse.double().unsqueeze(1)).exp()
+def _probs(top_logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary probabilities of the top-N tokens, float64."""
+    return (top_logits.double() - lse.unsqueeze(1)).exp()
 
 
-def _reference_count(top_logits: torch.Tensor, logits: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    p = _full_probs(top_logits, logits)
+def _reference_count(top_logits: torch.Tensor, lse: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    p = _probs(top_logits, lse)
     s = torch.special.xlogy(p, p).neg_().cumsum_(dim=-1)
     tau = alpha.double().unsqueeze(1) * s[:, -1:]
     return ((s <= tau) & (p > 0)).sum(dim=-1)
 
 
-def _hf_count(top_logits: torch.Tensor, _logits: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def _hf_count(top_logits: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     # Mirrors transformers: Categorical(logits=top).entropy() for tau and cumsum(-q * log q) for S.
     logq = top_logits.float() - top_logits.float().logsumexp(dim=-1, keepdim=True)
     q = logq.softmax(dim=-1)
@@ -46,23 +45,18 @@ def _hf_count(top_logits: torch.Tensor, _logits: torch.Tensor, alpha: torch.Tens
     return ((s <= tau) & (q > 0)).sum(dim=-1)
 
 
-def _paper_count(top_logits: torch.Tensor, logits: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    p = _full_probs(top_logits, logits)
+def _paper_count(top_logits: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                 alpha: torch.Tensor) -> torch.Tensor:
+    p = _probs(top_logits, lse)
     s = torch.special.xlogy(p, p).neg_().cumsum_(dim=-1)
     mass = p.cumsum(dim=-1)
     # H(q_k) = S_k / Γ_k + log Γ_k for q_k = p / Γ_k over the first k tokens.
     h_prefix = s / mass + mass.log()
-    bound = alpha.double().unsqueeze(1) * full_entropy(logits).unsqueeze(1)
-    # The slack absorbs float64 rounding, so at alpha = 1 the whole vocabulary (H(q) = H(p)) is kept.
-    ok = (h_prefix <= bound + 1e-9 * bound.abs().clamp(min=1.0)) & (p > 0)
+    bound = alpha.double().unsqueeze(1) * entropy.unsqueeze(1)
+    # Slack of float32 rounding in H(p): at alpha = 1 a fully kept vocabulary (H(q) = H(p)) stays kept.
+    ok = (h_prefix <= bound + 1e-6 * bound.abs().clamp(min=1.0)) & (p > 0)
     # Length of the leading run of True: index of the first violation (or N when there is none).
     return ok.long().cumprod(dim=-1).sum(dim=-1)
-
-
-def full_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats, float64) of softmax(logits) per row, with 0·log 0 = 0."""
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    return -torch.where(torch.isfinite(logp), logp.exp() * logp, 0.0).sum(dim=-1)
 
 
 def top_h(logits: torch.Tensor, alpha: torch.Tensor | float, top_n: int = 100,
@@ -74,5 +68,8 @@ def top_h(logits: torch.Tensor, alpha: torch.Tensor | float, top_n: int = 100,
     if variant not in VARIANTS:
         raise ValueError(f"top_h variant must be one of {VARIANTS}, got {variant!r}")
     alpha_t = torch.as_tensor(alpha, dtype=torch.float32, device=logits.device).expand(logits.shape[0])
-    rule = {"reference": _reference_count, "hf": _hf_count, "paper": _paper_count}[variant]
-    return truncate_top_n(logits, top_n, lambda top, rows: rule(top, rows, alpha_t))
+    if variant == "reference":
+        return truncate_top_n(logits, top_n, lambda top, lse: _reference_count(top, lse, alpha_t), "lse")
+    if variant == "hf":
+        return truncate_top_n(logits, top_n, lambda top: _hf_count(top, alpha_t))
+    return truncate_top_n(logits, top_n, lambda top, lse, h: _paper_count(top, lse, h, alpha_t), "lse+entropy")

@@ -18,14 +18,32 @@ import torch
 NEG_INF = float("-inf")
 
 
-def truncate_top_n(logits: torch.Tensor, top_n: int,
-                   keep_count: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def row_statistics(logits: torch.Tensor, row_max: torch.Tensor, entropy: bool) -> tuple[torch.Tensor, ...]:
+    """Log-normaliser (and optionally entropy) of softmax(logits) per row, float64, DESTROYING ``logits``.
+
+    Callers are about to overwrite ``logits`` anyway, so exp(x - max) is formed in place: no [B, V]
+    temporary and no extra max pass (``row_max`` comes from top-k). Sums accumulate in float64.
+    """
+    m = row_max.unsqueeze(1)
+    e = logits.sub_(m).exp_()
+    z = e.sum(dim=-1, dtype=torch.float64)
+    lse = z.log() + row_max.double()
+    if not entropy:
+        return (lse,)
+    # H = log Z - (1/Z) Σ e·log e, with e = exp(x - max) (0·log 0 = 0).
+    return lse, z.log() - torch.special.xlogy(e, e).sum(dim=-1, dtype=torch.float64) / z
+
+
+def truncate_top_n(logits: torch.Tensor, top_n: int, keep_count: Callable[..., torch.Tensor],
+                   statistics: str = "none") -> torch.Tensor:
     """Keep, in each row, the ``keep_count`` most likely tokens among its ``top_n`` largest logits.
 
-    ``keep_count(top_logits[B, N], logits[B, V])`` sees the sorted top-N logits and the whole (sanitised)
-    rows, and returns an int tensor [B] of counts; counts are clamped to [1, N]. ``logits`` is modified in
-    place and returned.
+    ``keep_count(top_logits[B, N], *stats)`` sees the sorted top-N logits and, per ``statistics``
+    ("none", "lse" or "lse+entropy"), full-vocabulary statistics of each row from :func:`row_statistics`;
+    it returns an int tensor [B] of counts, clamped to [1, N]. ``logits`` is modified in place and returned.
     """
+    if statistics not in ("none", "lse", "lse+entropy"):
+        raise ValueError(f"unknown statistics {statistics!r}")
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
     if logits.shape[0] == 0 or logits.shape[1] == 0:
@@ -39,13 +57,19 @@ def truncate_top_n(logits: torch.Tensor, top_n: int,
     if bool(special.any()):
         rows = special.nonzero().squeeze(1)
         clean = logits[rows].nan_to_num_(nan=NEG_INF, posinf=float("inf"), neginf=NEG_INF)
-        logits[rows] = clean
         top_logits[rows], top_idx[rows] = torch.topk(clean, n, dim=-1, largest=True, sorted=True)
         has_posinf = torch.isposinf(clean).any(dim=-1)
         posinf_rows, posinf_saved = rows[has_posinf], torch.isposinf(clean[has_posinf])
+        # Stand-in values so the statistics below stay finite; these rows are overwritten at the end.
+        clean[~torch.isfinite(clean)] = NEG_INF
+        clean[has_posinf] = 0.0
+        logits[rows] = clean
+        top_logits[rows[has_posinf]] = 0.0
 
     with torch.no_grad():
-        count = keep_count(top_logits, logits).clamp_(1, n)
+        stats = () if statistics == "none" else row_statistics(logits, top_logits[:, 0],
+                                                                 statistics == "lse+entropy")
+        count = keep_count(top_logits, *stats).clamp_(1, n)
     ranks = torch.arange(n, device=logits.device)
     kept = top_logits.masked_fill_(ranks.unsqueeze(0) >= count.unsqueeze(1), NEG_INF)
     logits.fill_(NEG_INF).scatter_(1, top_idx, kept)
