@@ -120,3 +120,49 @@ def test_processor_state_follows_batch_updates(llm):
     proc.update_state(BatchUpdate(batch_size=2, removed=[1, 2], added=[], moved=[]))
     assert proc.groups == [] and torch.equal(proc.apply(x[:2].clone()), x[:2])
     proc.update_state(None)  # no change → nothing to do
+
+
+def test_model_runner_v2_loader_accepts_the_entry_point():
+    """On GPUs vLLM 0.32 defaults to Model Runner V2, whose loader rejects V1-only processors (fatal)."""
+    from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_plugins
+
+    from llmgraft.integrations.vllm import GraftSampling
+
+    assert GraftSampling in _load_v2_logitsprocs_plugins()
+
+
+def test_model_runner_v2_processor_scales_by_each_rows_temperature(llm):
+    """V2 sees unscaled logits and rows in any slot order; each row must get sampler(logits / T) * T."""
+    import numpy as np
+    from vllm import SamplingParams
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext, LogitsProcRequestState
+
+    from llmgraft.integrations.vllm import GraftSampling
+
+    vocab = 500
+    states = LogitsProcRequestState(device=torch.device("cpu"), max_num_reqs=8, vocab_size=vocab,
+                                    all_token_ids=None, prompt_len=None, prefill_len=None, total_len=None)
+    proc = GraftSampling(llm.llm_engine.vllm_config, states)
+    assert type(proc).__name__ == "_V2GraftSampling"
+    requests = {5: SamplingParams(temperature=0.7, extra_args={"top_h": 0.3}),
+                2: SamplingParams(temperature=1.5, extra_args={"top_h": 0.6}),
+                7: SamplingParams(temperature=0.0, extra_args={"top_h": 0.6}),  # greedy: declined
+                0: SamplingParams(temperature=1.0)}                             # no llmgraft field
+    assert [proc.add_request(slot, sp) for slot, sp in requests.items()] == [True, True, False, False]
+
+    def context(slots):
+        mapping = torch.tensor(slots)
+        return LogitsContext(expanded_idx_mapping=mapping, idx_mapping=mapping, idx_mapping_np=np.array(slots),
+                             expanded_local_pos=torch.zeros(len(slots), dtype=torch.long), input_ids=mapping,
+                             pos=mapping, seq_lens_upper_bound_np=np.ones(len(slots), dtype=np.int32))
+
+    x = torch.randn(4, vocab, generator=torch.Generator().manual_seed(1)) * 2
+    out = proc.apply(x.clone(), context([0, 2, 7, 5]))
+    assert torch.equal(out[0], x[0]) and torch.equal(out[2], x[2])
+    for row, (temperature, alpha) in ((1, (1.5, 0.6)), (3, (0.7, 0.3))):
+        expected = top_h(x[row:row + 1] / temperature, alpha)[0]
+        assert torch.equal(torch.isfinite(out[row]), torch.isfinite(expected))
+        kept = torch.isfinite(expected)
+        torch.testing.assert_close(out[row][kept], x[row][kept])
+    untouched = x[:2].clone()
+    assert proc.apply(untouched, context([0, 7])) is untouched and torch.equal(untouched, x[:2])

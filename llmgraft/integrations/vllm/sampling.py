@@ -1,21 +1,37 @@
-"""``GraftSampling``: every registered llmgraft sampler, as one vLLM (V1 engine) logits processor.
+"""``GraftSampling``: every registered llmgraft sampler, as one vLLM logits processor.
 
 Per request: ``SamplingParams(extra_args={"top_h": 0.4})`` or over HTTP ``"vllm_xargs": {"top_h": 0.4}``;
 any sampler via ``{"llmgraft_sampler": name, "<name>_<param>": ...}``. Server-wide default:
 ``--additional-config '{"llmgraft": {"sampler": "top_h", "top_h": 0.4}}'``.
 
-It is argmax-invariant, so vLLM runs it after the temperature and before top-k/top-p; the logits it sees
-are already scaled and it never rescales them. Greedy requests are not tracked at all.
+vLLM has two logits-processor interfaces and loads the same entry point into both, so the class subclasses
+both and ``GraftSampling(...)`` builds the implementation matching the constructor vLLM calls:
+
+* V1 engine model runner (the CPU default): an argmax-invariant processor. vLLM runs it after the
+  temperature and before top-k/top-p, so it sees scaled logits and never rescales them.
+* Model Runner V2 (the GPU default in vLLM 0.32): ``apply`` runs *before* the temperature, so each row is
+  scaled by its request's temperature, filtered, and scaled back; vLLM's later division then samples from
+  exactly ``sampler(logits / T)``.
+
+Greedy requests are never touched, and ``apply`` returns at once when no row in the batch uses llmgraft.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor import BatchUpdate
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+try:  # Model Runner V2 interface (vLLM >= 0.32); import-light by design upstream.
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
+except ImportError:  # pragma: no cover - older vLLM
+    V2LogitsProcessor = None
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -24,15 +40,76 @@ if TYPE_CHECKING:
     from ...hooks.sampling import SamplerChoice
 
 _GREEDY_EPS = 1e-5  # vLLM's own threshold below which a request is sampled greedily
+_BASES = (V1LogitsProcessor,) if V2LogitsProcessor is None else (V1LogitsProcessor, V2LogitsProcessor)
 
 
-def _server_config(vllm_config: VllmConfig) -> Mapping[str, Any] | None:
+def _server_default(vllm_config: VllmConfig) -> SamplerChoice | None:
+    """The ``llmgraft`` section of ``--additional-config``, validated (a bad one fails engine start-up)."""
+    from ...hooks.sampling import parse_server_defaults
+
     extra = getattr(vllm_config, "additional_config", None) or {}
-    return extra.get("llmgraft") if isinstance(extra, Mapping) else None
+    return parse_server_defaults(extra.get("llmgraft") if isinstance(extra, Mapping) else None)
 
 
-class GraftSampling(LogitsProcessor):
+def _choice_for(params: SamplingParams | None, default: SamplerChoice | None) -> SamplerChoice | None:
+    if params is None or params.temperature < _GREEDY_EPS:
+        return None
+    from ...hooks.sampling import resolve_sampler
+
+    return resolve_sampler(params.extra_args, default)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Rows of one batch that share a sampler and its static parameters."""
+
+    sampler: Any
+    index: torch.Tensor | None  # row indices; None when the group is the whole batch in order
+    params: Any                 # Params.stack(...) result
+    temperature: torch.Tensor | None = None  # [rows, 1], V2 only (logits arrive unscaled)
+
+
+def _group_rows(choices: Sequence[SamplerChoice | None], device, temperatures: Sequence[float] | None = None
+                ) -> list[_Group]:
+    """Group rows (``choices[i]`` for row i, None = untouched) and stack their parameters."""
+    by_key: dict[tuple, list[int]] = {}
+    for row, choice in enumerate(choices):
+        if choice is not None:
+            by_key.setdefault(choice.group_key(), []).append(row)
+    groups = []
+    for rows in by_key.values():
+        first = choices[rows[0]]
+        params = first.params.stack([choices[r].params for r in rows], device=device)
+        index = None if len(rows) == len(choices) else torch.tensor(rows, dtype=torch.long, device=device)
+        temperature = None
+        if temperatures is not None:
+            temperature = torch.tensor([temperatures[r] for r in rows], device=device).unsqueeze(1)
+        groups.append(_Group(first.sampler, index, params, temperature))
+    return groups
+
+
+def _apply_groups(logits: torch.Tensor, groups: list[_Group]) -> torch.Tensor:
+    for g in groups:
+        rows = logits if g.index is None else logits[g.index]
+        if g.temperature is not None:  # V2: filter sampler(rows / T), then restore vLLM's unscaled view
+            rows = g.sampler.apply(rows / g.temperature, g.params).mul_(g.temperature)
+        else:
+            rows = g.sampler.apply(rows, g.params)
+        if g.index is None:
+            logits = rows
+        else:
+            logits[g.index] = rows
+    return logits
+
+
+class GraftSampling(*_BASES):
     """Routes each request's rows to its llmgraft sampler, batching rows that share static parameters."""
+
+    def __new__(cls, vllm_config: VllmConfig, *args, **kwargs):
+        if cls is GraftSampling:
+            v1 = bool(args) and isinstance(args[0], (torch.device, str))
+            cls = _V1GraftSampling if v1 or V2LogitsProcessor is None else _V2GraftSampling
+        return super().__new__(cls)
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -42,49 +119,66 @@ class GraftSampling(LogitsProcessor):
 
             parse_sampler_fields(sampling_params.extra_args)
 
-    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
-        from ...hooks.sampling import parse_server_defaults
-
-        self.device = device
-        self.default = parse_server_defaults(_server_config(vllm_config))  # bad config fails at start-up
-        self.rows: dict[int, SamplerChoice] = {}
-        self.groups: list[tuple[Any, torch.Tensor | None, Any]] = []
-
     def is_argmax_invariant(self) -> bool:
-        return True
+        return True  # every llmgraft sampler keeps each row's argmax token
 
-    def _new_state(self, params: SamplingParams, _prompt: Any, _output: Any) -> SamplerChoice | None:
-        if params is None or params.temperature < _GREEDY_EPS:
-            return None
-        from ...hooks.sampling import resolve_sampler
+    def update_state(self, batch_update: BatchUpdate | None) -> None:  # V1 only; V2 uses add_request
+        raise NotImplementedError
 
-        return resolve_sampler(params.extra_args, self.default)
+    def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _V1GraftSampling(GraftSampling):
+    """V1 interface: batch indices from ``update_state``; groups rebuilt only when the batch changes."""
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
+        self.device = device
+        self.default = _server_default(vllm_config)
+        self.rows: dict[int, SamplerChoice] = {}
+        self.groups: list[_Group] = []
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
             return
-        process_dict_updates(self.rows, batch_update, self._new_state)
-        self._regroup(batch_update.batch_size)
+        process_dict_updates(self.rows, batch_update, lambda params, _p, _o: _choice_for(params, self.default))
+        self.groups = _group_rows([self.rows.get(i) for i in range(batch_update.batch_size)], self.device)
 
-    def _regroup(self, batch_size: int) -> None:
-        """Precompute, once per batch change, each group's row indices and stacked parameters."""
-        by_key: dict[tuple, list[int]] = {}
-        for index in sorted(self.rows):
-            by_key.setdefault(self.rows[index].group_key(), []).append(index)
-        self.groups = []
-        for indices in by_key.values():
-            choice = self.rows[indices[0]]
-            params = choice.params.stack([self.rows[i].params for i in indices], device=self.device)
-            whole = indices == list(range(batch_size))
-            index = None if whole else torch.tensor(indices, dtype=torch.long, device=self.device)
-            self.groups.append((choice.sampler, index, params))
+    def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        return _apply_groups(logits, self.groups) if self.groups else logits
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.groups:
+
+class _V2GraftSampling(GraftSampling):
+    """Model Runner V2 interface: per-slot state from ``add_request``; rows map to slots every step."""
+
+    def __init__(self, vllm_config: VllmConfig, req_states: Any) -> None:
+        max_reqs = getattr(req_states, "max_num_reqs", None) or vllm_config.scheduler_config.max_num_seqs
+        self.device = getattr(req_states, "device", None) or torch.device("cpu")
+        self.default = _server_default(vllm_config)
+        self.slots: dict[int, SamplerChoice] = {}
+        self.temperature = np.ones(max_reqs, dtype=np.float32)
+        self.uses = np.zeros(max_reqs, dtype=bool)
+        self._cache: tuple[bytes, list[_Group]] | None = None
+
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        choice = _choice_for(sampling_params, self.default)
+        self._cache = None
+        self.uses[req_idx] = choice is not None
+        if choice is None:
+            self.slots.pop(req_idx, None)
+            return False
+        self.slots[req_idx] = choice
+        self.temperature[req_idx] = sampling_params.temperature
+        return True
+
+    def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        slots = ctx.idx_mapping_np
+        if len(slots) != logits.shape[0]:  # speculative rows: one per draft token
+            slots = ctx.expanded_idx_mapping.cpu().numpy()
+        if not self.uses[slots].any():
             return logits
-        for sampler, index, params in self.groups:
-            if index is None:
-                logits = sampler.apply(logits, params)
-            else:
-                logits[index] = sampler.apply(logits[index], params)
-        return logits
+        key = slots.tobytes()
+        if self._cache is None or self._cache[0] != key:
+            choices = [self.slots.get(int(s)) if self.uses[s] else None for s in slots]
+            self._cache = (key, _group_rows(choices, self.device, self.temperature[slots].tolist()))
+        return _apply_groups(logits, self._cache[1])
