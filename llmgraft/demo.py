@@ -135,7 +135,7 @@ def run_demo(model: str | Path | None = None, samples: int = 8, max_tokens: int 
     print()
     print(format_table(
         ["T", "sampler", "mean kept tokens", "distinct-2", "valid Python %", "tok/s"],
-        [[r["temperature"], r["sampler"], r["mean_kept"], r["distinct_2"], 100 * r["syntax_valid"],
+        [[f"{r['temperature']:.1f}", r["sampler"], r["mean_kept"], r["distinct_2"], 100 * r["syntax_valid"],
           r["tokens_per_s"]] for r in results],
         title="Sampling the bundled code LM (statement-level completions, higher valid % = more coherent)"))
     if plot:
@@ -144,6 +144,6 @@ def run_demo(model: str | Path | None = None, samples: int = 8, max_tokens: int 
             "mean kept tokens": [r["mean_kept"] for r in results],
             "distinct-2": [r["distinct_2"] for r in results],
             "valid Python %": [100 * r["syntax_valid"] for r in results],
-        }, title="llmgraft demo: samplers on the bundled code LM")
+        }, title="llmgraft demo: samplers on the bundled code LM", log_scale=["mean kept tokens"])
         print(f"plot written to {path}")
     return results

@@ -8,8 +8,16 @@ from typing import Any
 
 
 def _cell(value: Any) -> str:
+    """Floats to about four significant digits: 12345 -> "12,345", 123.456 -> "123.5", 0.01234 -> "0.0123"."""
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.3f}".rstrip("0").rstrip(".")
+        magnitude = abs(value)
+        if magnitude >= 1000:
+            return f"{value:,.0f}"
+        if magnitude >= 100:
+            return f"{value:.1f}"
+        if magnitude >= 1 or magnitude == 0:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
     return str(value)
 
 
@@ -29,8 +37,11 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: s
 
 
 def bar_plot(path: str | Path, groups: Sequence[str], series: dict[str, Sequence[float]], title: str,
-             ylabels: dict[str, str] | None = None) -> Path:
-    """One bar-chart panel per series (metric), bars per group (e.g. sampler); saved as PNG."""
+             log_scale: Sequence[str] = ()) -> Path:
+    """One bar-chart panel per series (metric), bars per group (e.g. sampler); saved as PNG.
+
+    Series named in ``log_scale`` get a logarithmic y axis (for values spanning decades).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,8 +52,8 @@ def bar_plot(path: str | Path, groups: Sequence[str], series: dict[str, Sequence
         ax.bar(range(len(groups)), values, color=plt.cm.tab10.colors[: len(groups)])
         ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
         ax.set_title(name, fontsize=10)
-        if ylabels and name in ylabels:
-            ax.set_ylabel(ylabels[name])
+        if name in log_scale:
+            ax.set_yscale("log")
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
