@@ -23,13 +23,7 @@ from .truncation import truncate_top_n
 VARIANTS = ("reference", "hf", "paper")
 
 
-def _probs(top_logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary probabilities of the top-N tokens, float64."""
-    return (top_logits.double() - lse.unsqueeze(1)).exp()
-
-
-def _reference_count(top_logits: torch.Tensor, lse: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    p = _probs(top_logits, lse)
+def _reference_count(p: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     s = torch.special.xlogy(p, p).neg_().cumsum_(dim=-1)
     tau = alpha.double().unsqueeze(1) * s[:, -1:]
     return ((s <= tau) & (p > 0)).sum(dim=-1)
@@ -45,9 +39,7 @@ def _hf_count(top_logits: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return ((s <= tau) & (q > 0)).sum(dim=-1)
 
 
-def _paper_count(top_logits: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-                 alpha: torch.Tensor) -> torch.Tensor:
-    p = _probs(top_logits, lse)
+def _paper_count(p: torch.Tensor, entropy: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     s = torch.special.xlogy(p, p).neg_().cumsum_(dim=-1)
     mass = p.cumsum(dim=-1)
     # H(q_k) = S_k / Γ_k + log Γ_k for q_k = p / Γ_k over the first k tokens.
@@ -69,7 +61,7 @@ def top_h(logits: torch.Tensor, alpha: torch.Tensor | float, top_n: int = 100,
         raise ValueError(f"top_h variant must be one of {VARIANTS}, got {variant!r}")
     alpha_t = torch.as_tensor(alpha, dtype=torch.float32, device=logits.device).expand(logits.shape[0])
     if variant == "reference":
-        return truncate_top_n(logits, top_n, lambda top, lse: _reference_count(top, lse, alpha_t), "lse")
+        return truncate_top_n(logits, top_n, lambda _top, p: _reference_count(p, alpha_t), "probs")
     if variant == "hf":
         return truncate_top_n(logits, top_n, lambda top: _hf_count(top, alpha_t))
-    return truncate_top_n(logits, top_n, lambda top, lse, h: _paper_count(top, lse, h, alpha_t), "lse+entropy")
+    return truncate_top_n(logits, top_n, lambda _top, p, h: _paper_count(p, h, alpha_t), "probs+entropy")

