@@ -59,8 +59,7 @@ def truncate_top_n(logits: torch.Tensor, top_n: int, keep_count: Callable[..., t
         top_logits[rows], top_idx[rows] = torch.topk(clean, n, dim=-1, largest=True, sorted=True)
         has_posinf = torch.isposinf(clean).any(dim=-1)
         posinf_rows, posinf_saved = rows[has_posinf], torch.isposinf(clean[has_posinf])
-        # Stand-in values so the statistics below stay finite; these rows are overwritten at the end.
-        clean[~torch.isfinite(clean)] = NEG_INF
+        # +inf rows get a uniform stand-in so the statistics below stay finite; they are rewritten at the end.
         clean[has_posinf] = 0.0
         logits[rows] = clean
         top_logits[rows[has_posinf]] = 0.0
