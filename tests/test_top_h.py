@@ -180,3 +180,21 @@ def test_plugin_apply_with_stacked_params():
     out = sampler.apply(x.clone(), sampler.params_cls.stack(rows))
     assert torch.equal(out[0], TopHLogitsWarper(0.2)(None, x[:1].clone())[0])
     assert torch.equal(out[1], TopHLogitsWarper(0.9)(None, x[1:].clone())[0])
+
+
+@pytest.mark.parametrize("variant, replica", [("reference", replica_official), ("paper", replica_paper)])
+def test_rows_masked_by_earlier_processors(variant, replica):
+    """Grammar / bad-words masks leave -inf in most of the row; fewer finite tokens than N is common."""
+    x = random_logits(8, 3000, 2.0, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    for row, finite in enumerate((1, 2, 5, 40, 99, 100, 101, 2000)):
+        keep = torch.randperm(3000, generator=gen)[:finite]
+        masked = torch.full((3000,), float("-inf"))
+        masked[keep] = x[row, keep]
+        x[row] = masked
+    alphas = torch.linspace(0.1, 1.0, 8)
+    ours = kept(top_h(x.clone(), alphas, 100, variant))
+    for row, a, got in zip(x.numpy(), alphas.tolist(), ours):
+        assert got == replica(row, a)
+    hf = TopHLogitsWarper(0.5)(None, x.clone())
+    assert torch.equal(top_h(x.clone(), 0.5, 100, "hf"), hf)
