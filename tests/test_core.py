@@ -139,6 +139,9 @@ def test_request_fields_three_spellings(plugin_site):
     general = parse_sampler_fields({"llmgraft_sampler": "top_a", "top_a_a": 0.5})
     assert general.sampler.name == "top_a" and general.params.a == 0.5
     assert parse_sampler_fields({"llmgraft_sampler": "top_h"}).params.alpha == 0.4
+    bare = parse_sampler_fields({"llmgraft_sampler": "top_a", "a": 0.7, "unrelated": "x"})
+    assert bare.sampler.name == "top_a" and bare.params.a == 0.7
+    assert parse_server_defaults({"sampler": "top_h", "alpha": 0.2, "variant": "hf"}).params.variant == "hf"
     assert parse_sampler_fields({"unrelated": 1}) is None and parse_sampler_fields(None) is None
     assert parse_sampler_fields({"llmgraft_sampler": "none"}) == OPT_OUT
 
@@ -154,6 +157,8 @@ def test_request_fields_three_spellings(plugin_site):
     ({"top_h": 0.3, "top_a": 0.2}, "one llmgraft sampler per request"),
     ({"llmgraft_sampler": "top_a", "top_h": 0.2}, "also sets fields of top_h"),
     ({"llmgraft_sampler": "none", "top_h": 0.2}, "conflicts"),
+    ({"llmgraft_sampler": "top_h", "alpha": 0.2, "top_h_alpha": 0.3}, "given twice"),
+    ({"llmgraft_sampler": "top_h", "alpha": 2.0}, r"alpha must be in \(0, 1\]"),
 ])
 def test_request_field_errors(plugin_site, fields, message):
     with pytest.raises(ValueError, match=message):

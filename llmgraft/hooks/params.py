@@ -53,7 +53,7 @@ class Params:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]):
         """Build from a mapping, rejecting unknown keys by name and listing the valid ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = cls.field_names()
         unknown = sorted(set(values) - set(names))
         if unknown:
             raise ParamError(f"{cls.owner}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
@@ -62,6 +62,10 @@ class Params:
             return cls(**values)
         except TypeError as exc:  # e.g. a required field missing
             raise ParamError(f"{cls.owner}: {exc}") from None
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

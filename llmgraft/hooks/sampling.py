@@ -4,7 +4,8 @@ Request fields are flat (vLLM's ``vllm_xargs`` allows no nesting), so three spel
 
 * shorthand: ``{"top_h": 0.4}`` selects sampler ``top_h`` and sets its primary parameter (alpha);
 * prefixed parameters: ``{"top_h_variant": "hf", "top_h_top_n": 50}``;
-* general form: ``{"llmgraft_sampler": "<name>", "<name>_<param>": ...}``, for any registered sampler.
+* general form: ``{"llmgraft_sampler": "<name>", "<param>": ...}`` (or ``"<name>_<param>"``), for any
+  registered sampler, third-party ones included.
 
 ``{"llmgraft_sampler": "none"}`` opts a request out of a server-wide default. Keys that belong to no
 llmgraft sampler are ignored (they may be another logits processor's); keys that do are validated strictly.
@@ -63,30 +64,34 @@ def _split(fields: Mapping[str, Any], registry: Registry) -> tuple[str | None, d
     return explicit, found
 
 
-def parse_sampler_fields(fields: Mapping[str, Any] | None, registry: Registry | None = None
-                         ) -> SamplerChoice | str | None:
-    """The request's own choice: a :class:`SamplerChoice`, :data:`OPT_OUT`, or None if it names none."""
-    if not fields:
-        return None
-    registry = registry or get_registry()
+def _parse(fields: Mapping[str, Any], registry: Registry) -> tuple[str | None, dict[str, Any]]:
+    """(sampler name, :data:`OPT_OUT` or None; that sampler's parameter values) from flat fields."""
     explicit, found = _split(fields, registry)
     if explicit == OPT_OUT:
         if found:
             raise ParamError(f"{SAMPLER_KEY}='none' conflicts with sampler fields for {', '.join(sorted(found))}")
-        return OPT_OUT
+        return OPT_OUT, {}
     if explicit is not None:
         sampler = registry.get("sampler", explicit)  # unknown name → UnknownPluginError (a ValueError)
         others = sorted(set(found) - {explicit})
         if others:
             raise ParamError(f"request selects sampler {explicit!r} but also sets fields of {', '.join(others)}")
-        return SamplerChoice(sampler, sampler.params_cls.from_mapping(found.get(explicit, {})))
-    if not found:
-        return None
+        values = found.get(explicit, {})
+        for name in sampler.params_cls.field_names():  # the general form may also name parameters bare
+            if name in fields:
+                if name in values:
+                    raise ParamError(f"{explicit}: parameter {name!r} given twice ({name} and {explicit}_{name})")
+                values[name] = fields[name]
+        return explicit, values
     if len(found) > 1:
         raise ParamError(f"one llmgraft sampler per request; fields name {', '.join(sorted(found))}")
-    (name, values), = found.items()
-    sampler = registry.get("sampler", name)
-    return SamplerChoice(sampler, sampler.params_cls.from_mapping(values))
+    return next(iter(found.items()), (None, {}))
+
+
+def parse_sampler_fields(fields: Mapping[str, Any] | None, registry: Registry | None = None
+                         ) -> SamplerChoice | str | None:
+    """The request's own choice: a :class:`SamplerChoice`, :data:`OPT_OUT`, or None if it names none."""
+    return resolve_sampler(fields, None, registry, opt_out=OPT_OUT)
 
 
 def parse_server_defaults(config: Mapping[str, Any] | None, registry: Registry | None = None
@@ -102,20 +107,20 @@ def parse_server_defaults(config: Mapping[str, Any] | None, registry: Registry |
 
 
 def resolve_sampler(fields: Mapping[str, Any] | None, default: SamplerChoice | None,
-                    registry: Registry | None = None) -> SamplerChoice | None:
-    """The request's sampler: its own choice, else the server default (unless it opted out).
+                    registry: Registry | None = None, opt_out: Any = None) -> SamplerChoice | Any:
+    """The request's sampler: its own choice, else the server default; ``opt_out`` if it opted out.
 
     When the request picks the default's sampler, its fields override the default's parameters.
     """
-    choice = parse_sampler_fields(fields, registry)
-    if choice == OPT_OUT:
-        return None
-    if choice is None:
+    if not fields:
         return default
-    if default is not None and choice.sampler.name == default.sampler.name and fields:
-        registry = registry or get_registry()
-        _, found = _split(fields, registry)
-        base = default.params.to_dict()
-        base.update(found.get(choice.sampler.name, {}))
-        return SamplerChoice(choice.sampler, choice.sampler.params_cls.from_mapping(base))
-    return choice
+    registry = registry or get_registry()
+    name, values = _parse(fields, registry)
+    if name == OPT_OUT:
+        return opt_out
+    if name is None:
+        return default
+    sampler = registry.get("sampler", name)
+    if default is not None and default.sampler.name == name:
+        values = {**default.params.to_dict(), **values}
+    return SamplerChoice(sampler, sampler.params_cls.from_mapping(values))
