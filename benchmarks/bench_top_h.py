@@ -1,6 +1,6 @@
 """Top-H time per batch, side by side in one run with its baselines.
 
-    python benchmarks/bench_top_h.py [--repeats 5] [--batches 1 16 64] [--vocabs 8192 32768 131072]
+    python benchmarks/bench_top_h.py [--repeats 5] [--batches 1 16 64] [--vocabs 8192 32768 131072] [--plot f.png]
 
 Columns (milliseconds per call, median of repeats, same logits for all):
 * llmgraft top_h (reference / hf variant): the batched kernel;
@@ -53,13 +53,14 @@ def main() -> None:
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 
     from llmgraft.kernels.top_h import top_h
-    from llmgraft.report import format_table
+    from llmgraft.report import bar_plot, format_table
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--vocabs", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--alpha", type=float, default=0.4)
+    parser.add_argument("--plot", help="also write a PNG: ms per method at the largest batch, per vocabulary")
     args = parser.parse_args()
 
     rows = []
@@ -84,6 +85,11 @@ def main() -> None:
          "HF/ours", "top-p/ours", "official/ours"],
         rows, title=f"Top-H (alpha={args.alpha}, N=100) on {torch.get_num_threads()} threads; "
                     "ratios > 1 mean llmgraft is faster"))
+    if args.plot:
+        largest = max(args.batches)
+        methods = ["llmgraft", "llmgraft (hf)", "official loop", "HF warper", "vLLM top-p"]
+        panels = {f"B={largest}, V={r[1]:,} (ms, log)": r[2:7] for r in rows if r[0] == largest}
+        print(f"plot written to {bar_plot(args.plot, methods, panels, 'Top-H time per call', log_scale=list(panels))}")
 
 
 if __name__ == "__main__":
