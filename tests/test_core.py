@@ -158,6 +158,7 @@ def test_request_fields_three_spellings(plugin_site):
     ({"llmgraft_sampler": "top_a", "top_h": 0.2}, "also sets fields of top_h"),
     ({"llmgraft_sampler": "none", "top_h": 0.2}, "conflicts"),
     ({"llmgraft_sampler": "top_h", "alpha": 0.2, "top_h_alpha": 0.3}, "given twice"),
+    ({"top_h": 0.2, "top_h_alpha": 0.3}, "given twice"),
     ({"llmgraft_sampler": "top_h", "alpha": 2.0}, r"alpha must be in \(0, 1\]"),
 ])
 def test_request_field_errors(plugin_site, fields, message):

@@ -38,6 +38,12 @@ class SamplerChoice:
         return (self.sampler.name, *self.params.group_key())
 
 
+def _put(values: dict[str, Any], sampler: str, param: str, value: Any) -> None:
+    if param in values:
+        raise ParamError(f"{sampler}: parameter {param!r} given twice")
+    values[param] = value
+
+
 def _split(fields: Mapping[str, Any], registry: Registry) -> tuple[str | None, dict[str, dict[str, Any]]]:
     """(explicit sampler name, {sampler name: {param: value}}) from flat fields."""
     names = sorted(registry.names("sampler"), key=len, reverse=True)
@@ -55,11 +61,11 @@ def _split(fields: Mapping[str, Any], registry: Registry) -> tuple[str | None, d
             primary = registry.get("sampler", key).primary
             if primary is None:
                 raise ParamError(f"sampler {key!r} has no shorthand; use {SAMPLER_KEY!r} and {key}_<param> fields")
-            found.setdefault(key, {})[primary] = value
+            _put(found.setdefault(key, {}), key, primary, value)
             continue
         for name in names:
             if key.startswith(name + "_"):
-                found.setdefault(name, {})[key[len(name) + 1:]] = value
+                _put(found.setdefault(name, {}), name, key[len(name) + 1:], value)
                 break
     return explicit, found
 
@@ -79,9 +85,7 @@ def _parse(fields: Mapping[str, Any], registry: Registry) -> tuple[str | None, d
         values = found.get(explicit, {})
         for name in sampler.params_cls.field_names():  # the general form may also name parameters bare
             if name in fields:
-                if name in values:
-                    raise ParamError(f"{explicit}: parameter {name!r} given twice ({name} and {explicit}_{name})")
-                values[name] = fields[name]
+                _put(values, explicit, name, fields[name])
         return explicit, values
     if len(found) > 1:
         raise ParamError(f"one llmgraft sampler per request; fields name {', '.join(sorted(found))}")
