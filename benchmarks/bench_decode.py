@@ -13,6 +13,7 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -23,13 +24,11 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from llmgraft.demo import PROMPTS, set_cpu_engine_env
+
+    set_cpu_engine_env(Path(os.environ.get("TMPDIR", "/tmp")) / "llmgraft-bench")
     from vllm import LLM, SamplingParams
 
-    from llmgraft.demo import PROMPTS
     from llmgraft.report import format_table
     from llmgraft.testing.models import code_lm_path
 

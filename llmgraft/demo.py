@@ -67,12 +67,17 @@ SAMPLERS = [
 ]
 
 
-def _set_engine_env(scratch: Path) -> None:
+def set_cpu_engine_env(scratch: Path, quiet: bool = True) -> None:
+    """Environment for a fast, local, in-process vLLM CPU engine (unless the caller already set it).
+
+    Must run before vLLM is imported.
+    """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(scratch / "vllm-cache"))
+    if quiet:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def step_logits(hf_model, outputs, temperature: float):
@@ -97,7 +102,7 @@ def run_demo(model: str | Path | None = None, samples: int = 8, max_tokens: int 
     from .testing.models import code_lm_path
 
     model = Path(model) if model else code_lm_path()
-    _set_engine_env(Path(os.environ.get("TMPDIR", "/tmp")) / "llmgraft-demo")
+    set_cpu_engine_env(Path(os.environ.get("TMPDIR", "/tmp")) / "llmgraft-demo")
 
     import torch
     from tqdm import tqdm

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from llmgraft.demo import set_cpu_engine_env
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = ROOT / ".scratch" / "tests"
 SCRATCH.mkdir(parents=True, exist_ok=True)
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-os.environ.setdefault("VLLM_CACHE_ROOT", str(SCRATCH / "vllm-cache"))
+set_cpu_engine_env(SCRATCH, quiet=False)
 os.environ["TMPDIR"] = str(SCRATCH / "tmp")
 Path(os.environ["TMPDIR"]).mkdir(parents=True, exist_ok=True)
 tempfile.tempdir = None
