@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .corpus import HELDOUT_PACKAGES, read_texts, stdlib_files
-from .models import CODE_LM_DIR, code_lm_config
+from .models import CODE_LM_DIR, code_lm_config, save_model_dir
 from .tokenizer import train_bpe_tokenizer
 
 
@@ -62,8 +62,6 @@ def train(out_dir: Path, minutes: float, seq_len: int = 256, batch_size: int = 1
     import torch
     from tqdm import tqdm
     from transformers import LlamaForCausalLM
-
-    from ..io import atomic_directory
 
     if threads:
         torch.set_num_threads(threads)
@@ -116,10 +114,7 @@ def train(out_dir: Path, minutes: float, seq_len: int = 256, batch_size: int = 1
         "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "seed": seed,
     }
     model = model.to(torch.bfloat16)
-    with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "train_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_model_dir(model, tokenizer, out_dir, {"train_meta.json": json.dumps(meta, indent=2) + "\n"})
     return meta
 
 

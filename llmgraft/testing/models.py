@@ -53,10 +53,13 @@ def code_lm_config(vocab_size: int):
     return llama_config(vocab_size, hidden=256, layers=4, heads=4, kv_heads=4, intermediate=768)
 
 
-def _save(model, tokenizer, out_dir: Path) -> Path:
+def save_model_dir(model, tokenizer, out_dir: Path, extra_files: dict[str, str] | None = None) -> Path:
+    """Write a loadable model directory (safetensors, config, tokenizer, extra text files) atomically."""
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(out_dir)
 
 
@@ -78,7 +81,7 @@ def build_tiny_llama(out_dir: str | Path, seed: int = 0) -> Path:
 
     tok = load_tokenizer()
     cfg = llama_config(len(tok), hidden=64, layers=2, heads=2, kv_heads=2, intermediate=128)
-    return _save(_seeded(LlamaForCausalLM, cfg, seed), tok, Path(out_dir))
+    return save_model_dir(_seeded(LlamaForCausalLM, cfg, seed), tok, Path(out_dir))
 
 
 def build_tiny_mixtral(out_dir: str | Path, seed: int = 0) -> Path:
@@ -90,7 +93,7 @@ def build_tiny_mixtral(out_dir: str | Path, seed: int = 0) -> Path:
                         num_key_value_heads=2, intermediate_size=128, num_local_experts=4,
                         num_experts_per_tok=2, max_position_embeddings=1024, bos_token_id=0, eos_token_id=0,
                         pad_token_id=0, tie_word_embeddings=False)
-    return _save(_seeded(MixtralForCausalLM, cfg, seed), tok, Path(out_dir))
+    return save_model_dir(_seeded(MixtralForCausalLM, cfg, seed), tok, Path(out_dir))
 
 
 def build_tiny_qwen2_moe(out_dir: str | Path, seed: int = 0) -> Path:
@@ -103,4 +106,4 @@ def build_tiny_qwen2_moe(out_dir: str | Path, seed: int = 0) -> Path:
                          shared_expert_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
                          decoder_sparse_step=1, max_position_embeddings=1024, bos_token_id=0, eos_token_id=0,
                          pad_token_id=0, tie_word_embeddings=False)
-    return _save(_seeded(Qwen2MoeForCausalLM, cfg, seed), tok, Path(out_dir))
+    return save_model_dir(_seeded(Qwen2MoeForCausalLM, cfg, seed), tok, Path(out_dir))

@@ -142,6 +142,9 @@ class _V1GraftSampling(GraftSampling):
         if batch_update is None:
             return
         process_dict_updates(self.rows, batch_update, lambda params, _p, _o: _choice_for(params, self.default))
+        if not self.rows:  # batches without llmgraft requests cost nothing beyond the dict update
+            self.groups = []
+            return
         self.groups = _group_rows([self.rows.get(i) for i in range(batch_update.batch_size)], self.device)
 
     def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
