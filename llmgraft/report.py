@@ -36,6 +36,13 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: s
     return "\n".join(out)
 
 
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """The same table as GitHub markdown, for results committed beside the benchmarks."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def bar_plot(path: str | Path, groups: Sequence[str], series: dict[str, Sequence[float]], title: str,
              log_scale: Sequence[str] = ()) -> Path:
     """One bar-chart panel per series (metric), bars per group (e.g. sampler); saved as PNG.

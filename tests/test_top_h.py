@@ -2,62 +2,29 @@
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import TopHLogitsWarper
 
 from llmgraft.hooks import get_registry
 from llmgraft.kernels.top_h import top_h
+from replicas.top_h import check_kept, paper_bounds, reference_bounds
 
-# ---- independent replicas: plain numpy, float64, one row at a time --------------------------------------
+# The independent float64 replica (tests/replicas/top_h.py) gives, per row, the top-N order and the range of
+# kept counts allowed by the exactness clause (ties within a relative 1e-5); check_kept also accepts swaps
+# among exactly equal logits.
 
-
-def _softmax64(row: np.ndarray) -> np.ndarray:
-    row = row.astype(np.float64)
-    e = np.exp(row - row.max())
-    return e / e.sum()
-
-
-def _plogp(x: float) -> float:
-    return x * math.log(x) if x > 0 else 0.0
-
-
-def replica_official(row: np.ndarray, alpha: float, top_n: int = 100) -> set[int]:
-    """The official loop's rule (logit_processor.py), without its IndexError at alpha = 1."""
-    p = _softmax64(row)
-    order = np.argsort(-p, kind="stable")[:top_n]
-    tau = alpha * sum(-_plogp(p[i]) for i in order)
-    kept, cumulative = [], 0.0
-    for i in order:
-        cumulative -= _plogp(p[i])
-        if kept and (cumulative > tau or p[i] == 0):
-            break
-        kept.append(int(i))
-    return set(kept)
-
-
-def replica_paper(row: np.ndarray, alpha: float, top_n: int = 100) -> set[int]:
-    """Greedy: add tokens by descending p while H(q_S) <= alpha * H(p); stop at the first violation."""
-    p = _softmax64(row)
-    bound = alpha * -sum(_plogp(x) for x in p)
-    order = np.argsort(-p, kind="stable")[:top_n]
-    kept = [int(order[0])]
-    for i in order[1:]:
-        if p[i] == 0:
-            break
-        trial = kept + [int(i)]
-        mass = sum(p[j] for j in trial)
-        if -sum(_plogp(p[j] / mass) for j in trial) > bound + 1e-9 * max(1.0, bound):  # ties are kept
-            break
-        kept = trial
-    return set(kept)
+RULES = {"reference": reference_bounds, "paper": paper_bounds}
 
 
 def kept(logits: torch.Tensor) -> list[set[int]]:
     return [set(torch.nonzero(torch.isfinite(r)).flatten().tolist()) for r in logits]
+
+
+def assert_matches_replica(x: torch.Tensor, out: torch.Tensor, alphas, variant: str, top_n: int = 100) -> None:
+    for row, a, got in zip(x.numpy(), alphas, kept(out)):
+        reason = check_kept(row, got, RULES[variant](row, a, top_n))
+        assert reason is None, f"{variant} alpha={a} top_n={top_n}: {reason}"
 
 
 def random_logits(batch: int, vocab: int, scale: float, seed: int) -> torch.Tensor:
@@ -68,24 +35,54 @@ def random_logits(batch: int, vocab: int, scale: float, seed: int) -> torch.Tens
 # ---- variants against replicas ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("variant", ["reference", "paper"])
 @pytest.mark.parametrize("vocab", [50, 1000, 4096])
 @pytest.mark.parametrize("scale", [0.5, 2.0, 5.0])
-def test_reference_variant_matches_official_rule(vocab, scale):
+def test_exact_variants_match_replica_on_random_rows(variant, vocab, scale):
     x = random_logits(8, vocab, scale, seed=vocab)
     alphas = torch.linspace(0.05, 1.0, 8)
-    ours = kept(top_h(x.clone(), alphas, 100, "reference"))
-    for row, a, got in zip(x.numpy(), alphas.tolist(), ours):
-        assert got == replica_official(row, a)
+    assert_matches_replica(x, top_h(x.clone(), alphas, 100, variant), alphas.tolist(), variant)
 
 
-@pytest.mark.parametrize("vocab", [50, 1000, 4096])
-@pytest.mark.parametrize("scale", [0.5, 2.0, 5.0])
-def test_paper_variant_matches_greedy_bound(vocab, scale):
-    x = random_logits(8, vocab, scale, seed=vocab + 1)
-    alphas = torch.linspace(0.05, 1.0, 8)
-    ours = kept(top_h(x.clone(), alphas, 100, "paper"))
-    for row, a, got in zip(x.numpy(), alphas.tolist(), ours):
-        assert got == replica_paper(row, a)
+def peaked_rows(vocab: int, seed: int) -> torch.Tensor:
+    """The rows a real LM produces most: one token far ahead, the rest of the mass in a noisy, flat or
+    few-token tail, plus the same rows shifted far from zero (float32 x - m rounding)."""
+    gen = torch.Generator().manual_seed(seed)
+    noisy = torch.randn(vocab, generator=gen) * 2
+    noisy[7] = noisy.max() + 25
+    flat = torch.zeros(vocab)  # exact ties in the tail
+    flat[3] = 25.0
+    few = torch.full((vocab,), -60.0)  # logit 0, twenty near -25, the rest -60 (mass in ~20 tokens)
+    few[0] = 0.0
+    few[1:21] = -25 + 0.5 * torch.randn(20, generator=gen)
+    moderate = torch.randn(vocab, generator=gen) * 2
+    moderate[11] = moderate.max() + 10
+    return torch.stack([noisy, flat, few, moderate, noisy + 200, few - 500])
+
+
+@pytest.mark.parametrize("variant", ["reference", "paper"])
+@pytest.mark.parametrize("vocab", [8192, 32768])
+@pytest.mark.parametrize("whole_vocab", [False, True], ids=["top_n=100", "top_n=V"])
+def test_exact_variants_match_replica_on_peaked_rows(variant, vocab, whole_vocab):
+    rows = peaked_rows(vocab, seed=vocab)
+    top_n = vocab if whole_vocab else 100
+    alphas = [0.05, 0.2, 0.4, 0.7, 0.9, 1.0]
+    x = rows.repeat_interleave(len(alphas), 0)
+    per_row = alphas * len(rows)
+    # One batched call (the torch path for the float64 statistics) and one call per row (the numpy path).
+    assert_matches_replica(x, top_h(x.clone(), torch.tensor(per_row), top_n, variant), per_row, variant, top_n)
+    single = torch.cat([top_h(x[i:i + 1].clone(), a, top_n, variant) for i, a in enumerate(per_row)])
+    assert_matches_replica(x, single, per_row, variant, top_n)
+
+
+def test_reported_peaked_cases_keep_what_the_rule_keeps():
+    """The cases of issue #6: 32,768 kept for 3,611 (paper, top_n=V) and 100 kept for 9 (paper, top_n=100)."""
+    rows = peaked_rows(32768, seed=1)
+    for variant, row, top_n in (("paper", 0, 32768), ("paper", 2, 100), ("reference", 0, 100)):
+        x = rows[row:row + 1]
+        order, k_min, k_max = RULES[variant](x[0].numpy(), 0.4, top_n)
+        got = torch.isfinite(top_h(x.clone(), 0.4, top_n, variant)).sum().item()
+        assert k_min <= got <= k_max and k_max < top_n
 
 
 @pytest.mark.parametrize("vocab", [7, 100, 3000, 32000])
@@ -182,8 +179,8 @@ def test_plugin_apply_with_stacked_params():
     assert torch.equal(out[1], TopHLogitsWarper(0.9)(None, x[1:].clone())[0])
 
 
-@pytest.mark.parametrize("variant, replica", [("reference", replica_official), ("paper", replica_paper)])
-def test_rows_masked_by_earlier_processors(variant, replica):
+@pytest.mark.parametrize("variant", ["reference", "paper"])
+def test_rows_masked_by_earlier_processors(variant):
     """Grammar / bad-words masks leave -inf in most of the row; fewer finite tokens than N is common."""
     x = random_logits(8, 3000, 2.0, seed=11)
     gen = torch.Generator().manual_seed(12)
@@ -193,8 +190,16 @@ def test_rows_masked_by_earlier_processors(variant, replica):
         masked[keep] = x[row, keep]
         x[row] = masked
     alphas = torch.linspace(0.1, 1.0, 8)
-    ours = kept(top_h(x.clone(), alphas, 100, variant))
-    for row, a, got in zip(x.numpy(), alphas.tolist(), ours):
-        assert got == replica(row, a)
+    assert_matches_replica(x, top_h(x.clone(), alphas, 100, variant), alphas.tolist(), variant)
     hf = TopHLogitsWarper(0.5)(None, x.clone())
     assert torch.equal(top_h(x.clone(), 0.5, 100, "hf"), hf)
+
+
+def test_entropy_pass_in_chunks_equals_one_pass(monkeypatch):
+    """Large batches stream the entropy pass through a bounded workspace, a few rows at a time."""
+    from llmgraft.kernels import truncation
+
+    x = torch.cat([peaked_rows(4096, seed=5), random_logits(6, 4096, 2.0, seed=5)])
+    whole = top_h(x.clone(), 0.4, 100, "paper")
+    monkeypatch.setattr(truncation, "_CHUNK_ELEMENTS", 4096 * 5)  # 5 rows per chunk, 3 chunks
+    assert torch.equal(top_h(x.clone(), 0.4, 100, "paper"), whole)

@@ -18,37 +18,52 @@ from __future__ import annotations
 
 import torch
 
-from .truncation import truncate_top_n
+from .truncation import TopN, truncate_top_n
 
 VARIANTS = ("reference", "hf", "paper")
+#: Relative slack on every bound: absorbs float64 rounding (different summation orders agree to ~1e-15),
+#: far below the 1e-5 at which two sets are called a tie.
+_SLACK = 1e-9
 
 
-def _reference_count(p: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    s = torch.special.xlogy(p, p).neg_().cumsum_(dim=-1)
-    tau = alpha.double().unsqueeze(1) * s[:, -1:]
-    return ((s <= tau) & (p > 0)).sum(dim=-1)
+def _prefix_sums(top: TopN):
+    """C_k = Σ_{2≤i≤k} e_i (so Z_k = 1 + C_k keeps its small part exact) and W_k = Σ_{i≤k} e_i t_i ≤ 0."""
+    rest = top.weight * 1.0
+    rest[:, 0] = 0.0
+    return rest.cumsum(-1), (top.weight * top.shifted).cumsum(-1)
 
 
-def _hf_count(top_logits: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def _reference_count(top: TopN, alpha):
+    # s·S_k = Z_k log s - W_k: both terms >= 0, so peaked rows keep their digits.
+    c, w = _prefix_sums(top)
+    log_s = top.xp.log1p(c[:, -1:] + top.tail_mass)
+    scaled = (c + 1.0) * log_s - w
+    tau = scaled[:, -1:] * (top.column(alpha) * (1.0 + _SLACK))
+    return ((scaled <= tau) & (top.weight > 0)).sum(-1)
+
+
+def _hf_count(top: TopN, alpha):
     # Mirrors transformers: Categorical(logits=top).entropy() for tau and cumsum(-q * log q) for S.
-    logq = top_logits.float() - top_logits.float().logsumexp(dim=-1, keepdim=True)
+    top_logits = top.logits.float()
+    logq = top_logits - top_logits.logsumexp(dim=-1, keepdim=True)
     q = logq.softmax(dim=-1)
     entropy = -(logq.clamp(min=torch.finfo(logq.dtype).min) * q).sum(dim=-1)
-    tau = (entropy * alpha.float()).unsqueeze(1)
+    tau = (entropy * torch.as_tensor(alpha, dtype=torch.float32, device=q.device)).unsqueeze(-1)
     s = torch.cumsum(-q * torch.log(q), dim=-1)
     return ((s <= tau) & (q > 0)).sum(dim=-1)
 
 
-def _paper_count(p: torch.Tensor, entropy: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    s = torch.special.xlogy(p, p).neg_().cumsum_(dim=-1)
-    mass = p.cumsum(dim=-1)
-    # H(q_k) = S_k / Γ_k + log Γ_k for q_k = p / Γ_k over the first k tokens.
-    h_prefix = s / mass + mass.log()
-    bound = alpha.double().unsqueeze(1) * entropy.unsqueeze(1)
-    # Slack of float32 rounding in H(p): at alpha = 1 a fully kept vocabulary (H(q) = H(p)) stays kept.
-    ok = (h_prefix <= bound + 1e-6 * bound.abs().clamp(min=1.0)) & (p > 0)
-    # Length of the leading run of True: index of the first violation (or N when there is none).
-    return ok.long().cumprod(dim=-1).sum(dim=-1)
+def _paper_count(top: TopN, alpha):
+    # H(q_k) = log Z_k - W_k / Z_k and H(p) = log s - W / s: each a sum of two terms >= 0.
+    xp = top.xp
+    c, w = _prefix_sums(top)
+    z = c + 1.0
+    h_prefix = xp.log1p(c) - w / z
+    tail_mass, tail_weighted = top.tail_mass, top.tail_weighted
+    h_full = xp.log1p(c[:, -1:] + tail_mass) - (w[:, -1:] + tail_weighted) / (z[:, -1:] + tail_mass)
+    ok = (h_prefix <= h_full * (top.column(alpha) * (1.0 + _SLACK))) & (top.weight > 0)
+    # Length of the leading run of True: the first violation stops the greedy growth.
+    return ok.cumprod(-1).sum(-1)
 
 
 def top_h(logits: torch.Tensor, alpha: torch.Tensor | float, top_n: int = 100,
@@ -59,9 +74,8 @@ def top_h(logits: torch.Tensor, alpha: torch.Tensor | float, top_n: int = 100,
     """
     if variant not in VARIANTS:
         raise ValueError(f"top_h variant must be one of {VARIANTS}, got {variant!r}")
-    alpha_t = torch.as_tensor(alpha, dtype=torch.float32, device=logits.device).expand(logits.shape[0])
     if variant == "reference":
-        return truncate_top_n(logits, top_n, lambda _top, p: _reference_count(p, alpha_t), "probs")
+        return truncate_top_n(logits, top_n, lambda top: _reference_count(top, alpha), "mass")
     if variant == "hf":
-        return truncate_top_n(logits, top_n, lambda top: _hf_count(top, alpha_t))
-    return truncate_top_n(logits, top_n, lambda _top, p, h: _paper_count(p, h, alpha_t), "probs+entropy")
+        return truncate_top_n(logits, top_n, lambda top: _hf_count(top, alpha))
+    return truncate_top_n(logits, top_n, lambda top: _paper_count(top, alpha), "mass+entropy")

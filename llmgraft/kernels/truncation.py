@@ -1,4 +1,5 @@
-"""Shared machinery of truncation samplers: the bad-logit policy and applying a "keep the top-k" rule.
+"""Shared machinery of truncation samplers: the bad-logit policy, exact top-N statistics, and applying a
+"keep a prefix of the top N" rule.
 
 Policy, identical for every truncation sampler:
 
@@ -7,70 +8,235 @@ Policy, identical for every truncation sampler:
   downstream softmax never sees inf - inf;
 * a row with no finite logit (all -inf / NaN) is returned as all -inf;
 * every other row keeps at least its argmax token.
+
+Statistics are exact in float64 and relative to each row's maximum ``m = x_1``, so peaked rows keep their
+digits (a float32 softmax rounds p_1 near 1 and loses -p_1 log p_1, which is all of a peaked row's
+entropy). With ``t_i = x_i - m`` and ``e_i = exp(t_i)`` (so ``e_1 = 1``) over the top N, and the rest of the
+vocabulary (the "tail") summarised by its mass ``R = Σ_tail e_j`` and ``W_tail = Σ_tail e_j t_j``:
+
+    s = Σ_{i≤N} e_i + R           (the softmax normaliser, in units of e^m)
+    log p_i = t_i - log s,        log s = log1p(Σ_{2≤i≤N} e_i + R)
+    H(p) = log s - (Σ_{i≤N} e_i t_i + W_tail) / s
+
+Every sum above adds terms of one sign, so nothing cancels. The top-N terms are computed in float64 from
+the logits themselves (exact inputs); only the tail sums come from a float32 pass over the vocabulary,
+whose per-term error (~1e-6 relative) moves a kept-set boundary only at ties closer than that.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
+import numpy as np
 import torch
 
 NEG_INF = float("-inf")
+STATISTICS = ("none", "mass", "mass+entropy")
+#: The entropy pass needs a probability buffer beside the logits. It is a per-thread workspace of at most
+#: this many elements, reused across calls (a fresh [B, V] allocation is mapped and page-faulted on every
+#: call: 5x slower at B=64, V=128k); rows are processed in chunks that fit it.
+_CHUNK_ELEMENTS = 1 << 21
+_workspace = threading.local()
+#: Up to this many top-N entries per call (B <= 30 at N = 100) the float64 statistics are computed in numpy
+#: on the CPU: on small arrays its per-operation cost is about half of torch's, and per-operation cost
+#: decides the speed at small batches.
+_NUMPY_MAX_ENTRIES = 3000
+#: -inf logits become this (finite) value in the float64 statistics, so that e_i * t_i = 0 * -1e300 = 0
+#: for masked tokens instead of 0 * -inf = NaN.
+_FLOOR = -1e300
+#: Rows whose maximum logit is at most this large in magnitude skip the shift before the entropy pass.
+_UNSHIFTED_MAX = 64.0
 
 
-def full_softmax_stats(logits: torch.Tensor, top_idx: torch.Tensor, entropy: bool) -> tuple[torch.Tensor, ...]:
-    """Full-vocabulary probabilities of the top-N tokens (float64) and optionally each row's entropy.
+@dataclass
+class TopN:
+    """The N largest logits of every row, sorted, with exact float64 statistics about them.
 
-    On the CPU the softmax is written over ``logits`` itself (callers are about to overwrite it): no [B, V]
-    allocation, and torch's fused softmax kernel is the fastest full pass available (about 4x faster than
-    logsumexp at V = 32k).
+    ``logits``/``index`` are [B, N] torch tensors (values after the bad-logit policy, vocabulary ids). With
+    ``statistics`` other than "none": ``shifted`` = t_i = x_i - x_1 and ``weight`` = e_i = exp(t_i), both
+    [B, N] float64 (``weight[:, 0]`` is exactly 1); ``tail_mass`` = R and, for "mass+entropy",
+    ``tail_weighted`` = W_tail, both [B, 1] float64 (see the module docstring), zero when N = V. These are
+    arrays of the namespace ``xp`` (numpy for small CPU batches, else torch): rules written with operators
+    and ``xp`` functions run on either, and :meth:`column` brings per-row parameters into it.
     """
-    in_place = logits.device.type == "cpu"
-    probs = torch.softmax(logits, dim=-1, out=logits) if in_place else torch.softmax(logits, dim=-1)
-    p_top = probs.gather(1, top_idx).double()
+
+    logits: torch.Tensor
+    index: torch.Tensor
+    shifted: Any = None
+    weight: Any = None
+    tail_mass: Any = None
+    tail_weighted: Any = None
+    #: Rows that held +inf logits and, per such row, where: they come back as 0 there and -inf elsewhere.
+    posinf: tuple[torch.Tensor, torch.Tensor] | None = None
+    xp: ModuleType = torch
+
+    def column(self, values: Any) -> Any:
+        """A float or [B] tensor of per-row values as a [B, 1] float64 array of ``xp``."""
+        batch = self.logits.shape[0]
+        if self.xp is np:
+            values = values.numpy() if isinstance(values, torch.Tensor) else values
+            return np.broadcast_to(np.asarray(values, dtype=np.float64), (batch,))[:, None]
+        values = torch.as_tensor(values, dtype=torch.float64, device=self.logits.device)
+        return values.expand(batch).unsqueeze(1)
+
+
+def _apply_bad_logit_policy(logits: torch.Tensor, top_logits: torch.Tensor, top_idx: torch.Tensor):
+    """Sanitise the rows whose maximum is not finite (NaN or +inf present, or no finite logit), in place.
+
+    Returns the +inf bookkeeping for :attr:`TopN.posinf`.
+    """
+    special = (~torch.isfinite(top_logits[:, 0])).nonzero().squeeze(1)
+    clean = logits[special].nan_to_num_(nan=NEG_INF, posinf=float("inf"), neginf=NEG_INF)
+    has_posinf = torch.isposinf(clean).any(dim=-1)
+    posinf = (special[has_posinf], torch.isposinf(clean[has_posinf]))
+    clean[has_posinf] = 0.0  # uniform stand-in so statistics stay finite; rewritten by truncate_top_n
+    top_logits[special], top_idx[special] = torch.topk(clean, top_logits.shape[1], dim=-1)
+    logits[special] = clean
+    return posinf
+
+
+def _tail_sums(logits: torch.Tensor, top: TopN, entropy: bool, shift: bool) -> tuple[torch.Tensor, ...]:
+    """Σ_tail p, p_1 and (with ``entropy``) Σ_tail p·x of the float32 softmax, each [B] float32.
+
+    Overwrites ``logits`` (the caller rewrites every entry afterwards). The float32 softmax is only used
+    for the tail, in units of its own p_1 = 1 / s32 (R = Σ_tail p / p_1), so its rounded normaliser cancels.
+    With ``shift``, x is first replaced by t = x - m, so the third sum is Σ_tail p·t.
+    """
     if not entropy:
-        return (p_top,)
-    return p_top, torch.special.entr(probs).sum(dim=-1, dtype=torch.float64)
+        in_place = logits.device.type == "cpu"  # no [B, V] allocation; the fused softmax is the fastest pass
+        probs = torch.softmax(logits, dim=-1, out=logits) if in_place else logits.softmax(-1)
+        p1 = probs.gather(1, top.index[:, :1]).squeeze(1)
+        return probs.scatter_(1, top.index, 0.0).sum(-1), p1
+    x = logits.sub_(top.logits[:, :1]) if shift else logits
+    rows = max(1, _CHUNK_ELEMENTS // x.shape[1])
+    if rows >= x.shape[0]:  # one chunk (the common case): no slicing
+        return _entropy_sums(x, top.index, _buffer(x.shape, x.device))
+    buffer = _buffer((rows, x.shape[1]), x.device)
+    parts = [_entropy_sums(x[i:i + rows], top.index[i:i + rows], buffer[:min(rows, x.shape[0] - i)])
+             for i in range(0, x.shape[0], rows)]
+    return tuple(torch.cat(p) for p in zip(*parts))
 
 
-def truncate_top_n(logits: torch.Tensor, top_n: int, keep_count: Callable[..., torch.Tensor],
-                   statistics: str = "none") -> torch.Tensor:
-    """Keep, in each row, the ``keep_count`` most likely tokens among its ``top_n`` largest logits.
+def _entropy_sums(x: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    probs = torch.softmax(x, -1, out=buffer)
+    p1 = probs.gather(1, index[:, :1]).squeeze(1)
+    mass = probs.scatter_(1, index, 0.0).sum(-1)
+    return mass, p1, probs.mul_(x).nansum(-1)  # nansum: 0 * -inf (masked tokens) is NaN
 
-    ``keep_count(top_logits[B, N], *stats)`` sees the sorted top-N logits and, per ``statistics``
-    ("none", "probs" or "probs+entropy"), the full-vocabulary statistics of :func:`full_softmax_stats`;
-    it returns an int tensor [B] of counts, clamped to [1, N]. ``logits`` is modified in place and returned.
+
+def _buffer(shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """This thread's float32 workspace on ``device``, viewed as ``shape`` (views are cached: batch sizes
+    repeat from step to step, and making a view costs as much as a small kernel at B=1)."""
+    cache = getattr(_workspace, "cache", None)
+    if cache is None:
+        cache = _workspace.cache = {}
+    view = cache.get((shape, device))
+    if view is None:
+        storage = cache.get(device)
+        if storage is None or storage.numel() < shape[0] * shape[1] or len(cache) > 256:
+            for key in [k for k in cache if k == device or (isinstance(k, tuple) and k[1] == device)]:
+                del cache[key]  # views of the old storage go with it
+            size = max(shape[0] * shape[1], 0 if storage is None else storage.numel())
+            storage = cache[device] = torch.empty(size, dtype=torch.float32, device=device)
+        view = cache[(shape, device)] = storage[:shape[0] * shape[1]].view(shape)
+    return view
+
+
+def top_n_statistics(logits: torch.Tensor, top_n: int, statistics: str = "none") -> TopN:
+    """The sorted top-N of every row (bad-logit policy applied) and, per ``statistics``, exact statistics.
+
+    May overwrite ``logits`` with scratch values: callers rewrite every entry (:func:`truncate_top_n`).
     """
-    if statistics not in ("none", "probs", "probs+entropy"):
-        raise ValueError(f"unknown statistics {statistics!r}")
+    if statistics not in STATISTICS:
+        raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}")
+    batch, vocab = logits.shape
+    n = min(top_n, vocab)
+    top_logits, top_idx = torch.topk(logits, n, dim=-1, largest=True, sorted=True)
+    host = logits.device.type == "cpu" and top_logits.dtype == torch.float32
+    # topk sorts NaN first, so a non-finite row maximum flags every row needing the policy, and one check
+    # of the first column tells whether any does: clean rows (nearly all) pay for no pass over the
+    # vocabulary. (On the CPU through a numpy view; elsewhere a sum, which may overflow: the policy path
+    # then simply finds no row to change.)
+    if host:
+        clean = bool(np.isfinite(top_logits.numpy()[:, 0]).all())
+    else:
+        clean = math.isfinite(float(top_logits[:, 0].sum()))
+    top = TopN(top_logits, top_idx)
+    if not clean:
+        top.posinf = _apply_bad_logit_policy(logits, top_logits, top_idx)
+    if statistics == "none":
+        return top
+    entropy = statistics == "mass+entropy"
+    # Σ_tail p·t = Σ_tail p·x - m·Σ_tail p: skipping the shift saves a pass over the vocabulary, and its
+    # float32 products then err by <= 6e-8·|m| per unit of tail mass, which is <= 1e-6 of H(p) (itself
+    # >= P_tail·log N) while |m| <= 64. Larger logits (or an unknown m, off the CPU) are shifted first.
+    shift = entropy and (not host or float(np.abs(top_logits.numpy()[:, 0]).max()) > _UNSHIFTED_MAX)
+    if n < vocab:
+        sums = _tail_sums(logits if logits.dtype == torch.float32 else logits.float(), top, entropy, shift)
+    else:
+        zero = torch.zeros(batch, device=logits.device)
+        sums = (zero, torch.ones(batch, device=logits.device)) + ((zero,) if entropy else ())
+    if host and top_logits.numel() <= _NUMPY_MAX_ENTRIES:
+        top.xp = np
+        x = np.maximum(top_logits.numpy(), _FLOOR, dtype=np.float64)
+        sums = [v.numpy()[:, None] for v in sums]
+        p1 = sums[1].astype(np.float64)
+    else:
+        x = top_logits.double().clamp_(min=_FLOOR)
+        sums = [v.unsqueeze(1) for v in sums]
+        p1 = sums[1].double()
+    top.tail_mass = sums[0] / p1
+    if entropy:
+        top.tail_weighted = sums[2] / p1 if shift else (sums[2] - x[:, :1] * sums[0]) / p1
+    top.shifted = x - x[:, :1]
+    top.weight = top.xp.exp(top.shifted)
+    return top
+
+
+_RANKS: dict[tuple[int, Any], Any] = {}
+
+
+def _ranks(n: int, device: torch.device | None) -> Any:
+    """[1, n] ranks (numpy when ``device`` is None), cached: a per-call arange costs at B=1.
+
+    Rank 0 is -1 so that ``ranks >= count`` never drops the first token, even for a count of 0.
+    """
+    key = (n, device)
+    ranks = _RANKS.get(key)
+    if ranks is None:
+        ranks = np.arange(n)[None, :] if device is None else torch.arange(n, device=device).unsqueeze(0)
+        ranks[0, 0] = -1
+        _RANKS[key] = ranks
+    return ranks
+
+
+def truncate_top_n(logits: torch.Tensor, top_n: int, keep_count: Callable[[TopN], Any],
+                   statistics: str = "none") -> torch.Tensor:
+    """Keep, in each row, the ``keep_count(top)`` most likely of its ``top_n`` largest logits, in place.
+
+    ``keep_count`` receives the :class:`TopN` of :func:`top_n_statistics` and returns integer counts [B]
+    (an array of ``top.xp``); every row keeps at least its first token. Kept logits keep their values;
+    the rest become -inf.
+    """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
     if logits.shape[0] == 0 or logits.shape[1] == 0:
         return logits
-    n = min(top_n, logits.shape[1])
-    top_logits, top_idx = torch.topk(logits, n, dim=-1, largest=True, sorted=True)
-    # top-k sorts NaN first, so a non-finite row maximum flags every row needing the policy above;
-    # only those rows (rare) pay for sanitising, the common case makes no extra pass over the vocabulary.
-    special = ~torch.isfinite(top_logits[:, 0])
-    posinf_rows = posinf_saved = None
-    if bool(special.any()):
-        rows = special.nonzero().squeeze(1)
-        clean = logits[rows].nan_to_num_(nan=NEG_INF, posinf=float("inf"), neginf=NEG_INF)
-        top_logits[rows], top_idx[rows] = torch.topk(clean, n, dim=-1, largest=True, sorted=True)
-        has_posinf = torch.isposinf(clean).any(dim=-1)
-        posinf_rows, posinf_saved = rows[has_posinf], torch.isposinf(clean[has_posinf])
-        # +inf rows get a uniform stand-in so the statistics below stay finite; they are rewritten at the end.
-        clean[has_posinf] = 0.0
-        logits[rows] = clean
-        top_logits[rows[has_posinf]] = 0.0
-
     with torch.no_grad():
-        stats = () if statistics == "none" else full_softmax_stats(logits, top_idx, statistics == "probs+entropy")
-        count = keep_count(top_logits, *stats).clamp_(1, n)
-    ranks = torch.arange(n, device=logits.device)
-    kept = top_logits.masked_fill_(ranks.unsqueeze(0) >= count.unsqueeze(1), NEG_INF)
-    logits.fill_(NEG_INF).scatter_(1, top_idx, kept)
-
-    if posinf_rows is not None and posinf_rows.numel():
-        logits[posinf_rows] = torch.where(posinf_saved, 0.0, NEG_INF).to(logits.dtype)
+        top = top_n_statistics(logits, top_n, statistics)
+        n = top.logits.shape[1]
+        count = keep_count(top)
+        if isinstance(count, np.ndarray):
+            drop = torch.from_numpy(_ranks(n, None) >= count[:, None])
+        else:
+            drop = _ranks(n, logits.device) >= count.unsqueeze(1)
+        logits.fill_(NEG_INF).scatter_(1, top.index, top.logits.masked_fill_(drop, NEG_INF))
+        if top.posinf is not None and top.posinf[0].numel():
+            rows, where = top.posinf
+            logits[rows] = torch.where(where, 0.0, NEG_INF).to(logits.dtype)
     return logits
