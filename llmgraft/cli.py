@@ -15,13 +15,16 @@ from .report import format_table
 
 def cmd_plugins(_args: argparse.Namespace) -> int:
     registry = get_registry()
-    rows = []
+    print("llmgraft methods")
     for family in FAMILIES:
         for name in registry.names(family):
             entry = registry.entries[family][name]
-            params = ", ".join(f"{n}: {kind} = {default!r}" for n, kind, default in entry.obj.params_cls.describe())
-            rows.append([family, name, entry.origin, params or "-"])
-    print(format_table(["family", "name", "origin", "parameters"], rows, title="llmgraft methods"))
+            print(f"\n{family} {name} ({entry.origin}): {entry.obj.description}")
+            rows = [[p["name"], p["type"], repr(p["default"]), p["range"] or "-", p["help"]]
+                    for p in entry.obj.params_cls.describe()]
+            if rows:
+                table = format_table(["parameter", "type", "default", "range", "help"], rows)
+                print("\n".join("  " + line for line in table.splitlines()))
     empty = [f for f in FAMILIES if not registry.names(f)]
     if empty:
         print(f"\nfamilies with no method yet: {', '.join(empty)}")

@@ -1,16 +1,24 @@
-"""One small Protocol per hook family: what a registered method object must provide.
+"""The hook families: one small base class per family, and the checks a registered method must pass.
 
-Every method object has a ``name`` (unique within its family), a ``params_cls`` (a :class:`Params`
-subclass) and a one-line ``description``, plus the family's own operation below. Tensors are torch
-tensors; no host framework (vLLM, PEFT, transformers) appears in any signature.
+A method is an object with a ``name`` (a Python identifier, unique within its family), a one-line
+``description``, a ``params_cls`` (a :class:`Params` subclass whose fields carry help texts), the
+family's own attributes, and the family's operations. Method authors subclass the family's base class
+(``class TopA(Sampler)``), which documents the contract; the registry checks every part of it when a
+plugin registers the method, so a method missing any part is skipped at load time with an error naming
+it, never at request time. (Duck-typed objects that are not subclasses pass the same checks.)
+
+Tensors are torch tensors; no host framework (vLLM, PEFT, transformers) appears in any signature. The
+sampler family is shaped by real methods; the other five keep their first sketch until the capability
+that brings their real methods reshapes them (with their base class, checks and contract together).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .params import Params
 
@@ -18,90 +26,142 @@ if TYPE_CHECKING:
     import torch
 
 
-@runtime_checkable
-class Method(Protocol):
-    name: str
-    description: str
+class Method:
+    """Base of every method: what the registry and ``llmgraft plugins`` need to know about it."""
+
+    #: Unique within the family; a Python identifier (it is also the request-field prefix of samplers).
+    name: ClassVar[str]
+    #: One line, shown by ``llmgraft plugins``.
+    description: ClassVar[str]
+    #: The method's parameters.
     params_cls: ClassVar[type[Params]]
 
 
-@runtime_checkable
-class Sampler(Method, Protocol):
+class Sampler(Method):
     """Logits → truncated/reshaped logits for a batch.
 
     ``apply(logits[B, V], params)`` receives logits already divided by the temperature and ``params`` from
     :meth:`Params.stack` (per-row fields are tensors of shape [B]). It may modify ``logits`` in place and
-    returns the result. It must keep each row's argmax token, so hosts may treat it as argmax-invariant.
-    ``primary`` names the parameter that the shorthand request field ``{name: value}`` sets.
+    returns the result. It must keep each row's argmax token (hosts treat samplers as argmax-invariant),
+    keep at least one token per row, and follow the bad-logit policy: NaN counts as -inf, and it never
+    returns NaN or +inf.
     """
 
+    #: The parameter that the shorthand request field ``{name: value}`` sets, or None for no shorthand.
     primary: ClassVar[str | None]
 
-    def apply(self, logits: torch.Tensor, params: SimpleNamespace) -> torch.Tensor: ...
+    def apply(self, logits: torch.Tensor, params: SimpleNamespace) -> torch.Tensor:
+        raise NotImplementedError
 
 
-@runtime_checkable
-class Merger(Method, Protocol):
-    """Merge one tensor across checkpoints: ``merge(base, tensors, params) -> merged``.
+class Merger(Method):
+    """Merge one tensor across checkpoints: ``merge(base, tensors, params) -> merged`` (first sketch).
 
-    ``base`` is the pre-trained tensor (or None for plain averaging) and ``tensors`` the fine-tuned
-    versions of that same tensor; drivers stream tensors name by name, so memory stays bounded.
+    ``base`` is the pre-trained tensor (or None) and ``tensors`` the fine-tuned versions of that same
+    tensor. Pure: inputs are not modified.
     """
 
-    def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], params: Params) -> torch.Tensor: ...
+    def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], params: Params) -> torch.Tensor:
+        raise NotImplementedError
 
 
-@runtime_checkable
-class Attention(Method, Protocol):
-    """Select which prompt tokens later layers keep: ``select(query[H, D], keys[H, T, D], params)`` → indices."""
+class Attention(Method):
+    """Select which prompt tokens later layers keep (first sketch):
+    ``select(query[H, D], keys[H, T, D], params)`` → sorted, unique token indices in [0, T)."""
 
-    def select(self, query: torch.Tensor, keys: torch.Tensor, params: Params) -> torch.Tensor: ...
-
-
-@runtime_checkable
-class KVManager(Method, Protocol):
-    """Decide which cached positions to keep: ``keep(keys, values, params)`` → sorted position indices."""
-
-    def keep(self, keys: torch.Tensor, values: torch.Tensor, params: Params) -> torch.Tensor: ...
+    def select(self, query: torch.Tensor, keys: torch.Tensor, params: Params) -> torch.Tensor:
+        raise NotImplementedError
 
 
-@runtime_checkable
-class Optimizer(Method, Protocol):
+class KVManager(Method):
+    """Decide which cached positions to keep (first sketch):
+    ``keep(keys[H, T, D], values[H, T, D], params)`` → sorted, unique position indices in [0, T)."""
+
+    def keep(self, keys: torch.Tensor, values: torch.Tensor, params: Params) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Optimizer(Method):
     """A model-optimization pass over a checkpoint directory (slimming, quantization).
 
-    ``run(src, dst, params)`` reads ``src``, writes a loadable checkpoint to ``dst`` atomically, and returns
-    a report dict of what it did.
+    ``run(src, dst, params)`` reads ``src``, writes a loadable safetensors checkpoint to ``dst``
+    atomically, leaves ``src`` untouched, and returns a report dict of what it did.
     """
 
-    def run(self, src: Path, dst: Path, params: Params) -> dict[str, Any]: ...
+    def run(self, src: Path, dst: Path, params: Params) -> dict[str, Any]:
+        raise NotImplementedError
 
 
-@runtime_checkable
-class Adapter(Method, Protocol):
-    """A parameter-efficient adapter type; integrations turn it into a PEFT tuner.
+class Adapter(Method):
+    """A parameter-efficient adapter type (first sketch).
 
-    ``init_state(shapes, params)`` creates the trainable tensors for a set of target modules and
-    ``delta_weight(state, module, params)`` gives the dense ΔW of one module (for export and merging).
+    ``init_state(shapes, params)`` creates the trainable tensors for target modules given their
+    (d_out, d_in) shapes, and ``delta_weight(state, module, params)`` gives the dense ΔW [d_out, d_in] of
+    one module (for export and merging).
     """
 
-    def init_state(self, shapes: dict[str, tuple[int, int]], params: Params) -> dict[str, torch.Tensor]: ...
+    def init_state(self, shapes: dict[str, tuple[int, int]], params: Params) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
-    def delta_weight(self, state: dict[str, torch.Tensor], module: str, params: Params) -> torch.Tensor: ...
+    def delta_weight(self, state: dict[str, torch.Tensor], module: str, params: Params) -> torch.Tensor:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
 class Family:
+    """A hook family: its registration hook, its base class, and what a method of it must provide."""
+
     name: str
     hook: str
-    protocol: type
-    operation: str
+    base: type[Method]
+    operations: tuple[str, ...]
+
+    def check(self, obj: Any) -> str:
+        """The method's name if ``obj`` provides every part of this family's contract; else TypeError."""
+        name = getattr(obj, "name", None)
+        if not isinstance(name, str) or not name.isidentifier():
+            raise TypeError(f"a {self.name} needs a `name` that is a Python identifier, got {name!r}")
+        where = f"{self.name} {name!r}"
+        description = getattr(obj, "description", None)
+        if not isinstance(description, str) or not description.strip() or "\n" in description.strip():
+            raise TypeError(f"{where}: `description` must be a one-line string, got {description!r}")
+        params_cls = getattr(obj, "params_cls", None)
+        if not (isinstance(params_cls, type) and issubclass(params_cls, Params)):
+            raise TypeError(f"{where}: `params_cls` must be a llmgraft Params subclass, got {params_cls!r}")
+        try:
+            params_cls.check_class()
+        except TypeError as exc:
+            raise TypeError(f"{where}: {exc}") from None
+        for attribute in self.attributes():
+            if not hasattr(obj, attribute):
+                raise TypeError(f"{where}: missing attribute `{attribute}` (see llmgraft.{self.base.__name__})")
+        if self.name == "sampler" and obj.primary is not None and obj.primary not in params_cls.field_names():
+            raise TypeError(f"{where}: `primary` {obj.primary!r} is not one of its parameters "
+                            f"({', '.join(params_cls.field_names())})")
+        for operation in self.operations:
+            method = getattr(obj, operation, None)
+            if not callable(method):
+                raise TypeError(f"{where}: missing method `{operation}`")
+            expected = list(inspect.signature(getattr(self.base, operation)).parameters)[1:]  # without self
+            try:
+                inspect.signature(method).bind(*expected)
+            except TypeError:
+                raise TypeError(f"{where}: `{operation}` must accept ({', '.join(expected)})") from None
+        return name
+
+    def attributes(self) -> tuple[str, ...]:
+        """Class-level attributes the base class declares (its own and :class:`Method`'s)."""
+        names: list[str] = []
+        for cls in reversed(self.base.__mro__):
+            names += [n for n in getattr(cls, "__annotations__", {}) if n not in names]
+        return tuple(names)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("sampler", "llmgraft_register_samplers", Sampler, "apply"),
-    Family("merger", "llmgraft_register_mergers", Merger, "merge"),
-    Family("attention", "llmgraft_register_attention", Attention, "select"),
-    Family("kv_manager", "llmgraft_register_kv_managers", KVManager, "keep"),
-    Family("optimizer", "llmgraft_register_optimizers", Optimizer, "run"),
-    Family("adapter", "llmgraft_register_adapters", Adapter, "delta_weight"),
+    Family("sampler", "llmgraft_register_samplers", Sampler, ("apply",)),
+    Family("merger", "llmgraft_register_mergers", Merger, ("merge",)),
+    Family("attention", "llmgraft_register_attention", Attention, ("select",)),
+    Family("kv_manager", "llmgraft_register_kv_managers", KVManager, ("keep",)),
+    Family("optimizer", "llmgraft_register_optimizers", Optimizer, ("run",)),
+    Family("adapter", "llmgraft_register_adapters", Adapter, ("init_state", "delta_weight")),
 )}

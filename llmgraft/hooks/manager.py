@@ -7,8 +7,10 @@ idempotent. Environment controls, read at load time:
 * ``LLMGRAFT_PLUGINS=a,b``: load only these third-party plugins (built-ins always load).
 * ``LLMGRAFT_DISABLE_PLUGIN_AUTOLOAD=1``: load no third-party plugin.
 
-A third-party plugin that fails to import, validate or register is skipped with a warning naming it; its
-error is kept in :attr:`Registry.load_errors` and the rest keep working.
+A third-party plugin that fails to import, validate or register is skipped with one warning naming it
+(a ``RuntimeWarning``, shown once per process); its error is kept in :attr:`Registry.load_errors` and the
+rest keep working. A method is validated against its family's whole contract when it registers
+(:meth:`Family.check`), so a plugin missing any part fails here, not on the first request.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ import pluggy
 
 from . import specs
 from .errors import PluginLoadError, UnknownPluginError
-from .families import FAMILIES
-from .params import Params
+from .families import FAMILIES, Family
 
 ENTRY_POINT_GROUP = "llmgraft"
 BUILTIN_PLUGINS = ("llmgraft.plugins.top_h",)
@@ -60,7 +61,11 @@ class Registry:
 
     # -- loading ------------------------------------------------------------------------------------------
     def _load_entry_points(self, allow: set[str] | None) -> None:
-        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        installed = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+        for missing in sorted((allow or set()) - {ep.name for ep in installed}):
+            self._fail(f"{missing} (LLMGRAFT_PLUGINS)", "named in LLMGRAFT_PLUGINS but no installed plugin has "
+                       f"that name; installed: {', '.join(ep.name for ep in installed) or '(none)'}")
+        for ep in installed:
             if allow is not None and ep.name not in allow:
                 continue
             dist = getattr(getattr(ep, "dist", None), "name", None)
@@ -72,8 +77,9 @@ class Registry:
                 continue
             self._add(origin, plugin, ep.name)
 
-    def _add(self, origin: str, plugin: Any, plugin_name: str) -> None:
-        """Register one plugin and collect what it registers; on any failure undo it and record why."""
+    def _add(self, origin: str, plugin: Any, plugin_name: str) -> bool:
+        """Register one plugin and collect what it registers; on any failure undo it, record why, and
+        return False."""
         try:
             self.pm.register(plugin, name=plugin_name)
             self.pm.check_pending()
@@ -83,7 +89,7 @@ class Registry:
             if origin == BUILTIN_ORIGIN:
                 raise
             self._fail(origin, f"invalid plugin: {exc}")
-            return
+            return False
         collected: list[Entry] = []
         try:
             for family in FAMILIES.values():
@@ -94,26 +100,26 @@ class Registry:
             self.pm.unregister(plugin)
             if origin == BUILTIN_ORIGIN:
                 raise
-            self._fail(origin, f"registration failed: {type(exc).__name__}: {exc}")
-            return
+            self._fail(origin, f"registration failed: {exc}" if isinstance(exc, PluginLoadError)
+                       else f"registration failed: {type(exc).__name__}: {exc}")
+            return False
+        ok = True
         for entry in collected:
             taken = self.entries[entry.family].get(entry.name)
             if taken is not None:
                 self._fail(origin, f"{entry.family} {entry.name!r} is already registered by {taken.origin}; "
                                    "this one is ignored")
+                ok = False
                 continue
             self.entries[entry.family][entry.name] = entry
+        return ok
 
     @staticmethod
-    def _check(family, obj: Any, origin: str) -> Entry:
-        name = getattr(obj, "name", None)
-        if not isinstance(name, str) or not name.isidentifier():
-            raise PluginLoadError(f"a {family.name} needs a `name` that is a Python identifier, got {name!r}")
-        params_cls = getattr(obj, "params_cls", None)
-        if not (isinstance(params_cls, type) and issubclass(params_cls, Params)):
-            raise PluginLoadError(f"{family.name} {name!r}: `params_cls` must be a llmgraft Params subclass")
-        if not callable(getattr(obj, family.operation, None)):
-            raise PluginLoadError(f"{family.name} {name!r}: missing method `{family.operation}`")
+    def _check(family: Family, obj: Any, origin: str) -> Entry:
+        try:
+            name = family.check(obj)
+        except TypeError as exc:
+            raise PluginLoadError(str(exc)) from None
         return Entry(family.name, name, obj, origin)
 
     def _fail(self, origin: str, message: str) -> None:
@@ -123,12 +129,11 @@ class Registry:
     def add_plugin(self, plugin: Any, name: str | None = None) -> bool:
         """Register a plugin object (module or class instance) by hand, e.g. from a notebook or a test.
 
-        Returns False, with the reason in :attr:`load_errors`, if it was rejected.
+        Returns False, with the reason in :attr:`load_errors`, if it (or any method it registers) was
+        rejected.
         """
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
-        errors_before = dict(self.load_errors)
-        self._add(name, plugin, name)
-        return self.load_errors == errors_before
+        return self._add(name, plugin, name)
 
     # -- queries ------------------------------------------------------------------------------------------
     def get(self, family: str, name: str) -> Any:

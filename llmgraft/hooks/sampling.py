@@ -1,14 +1,23 @@
 """From flat request fields (vLLM ``extra_args`` / ``vllm_xargs``, server defaults) to a sampler choice.
 
-Request fields are flat (vLLM's ``vllm_xargs`` allows no nesting), so three spellings are accepted:
+Request fields are flat (vLLM's ``vllm_xargs`` allows no nesting), so three spellings select a sampler:
 
 * shorthand: ``{"top_h": 0.4}`` selects sampler ``top_h`` and sets its primary parameter (alpha);
 * prefixed parameters: ``{"top_h_variant": "hf", "top_h_top_n": 50}``;
-* general form: ``{"llmgraft_sampler": "<name>", "<param>": ...}`` (or ``"<name>_<param>"``), for any
-  registered sampler, third-party ones included.
+* general form: ``{"llmgraft_sampler": "<name>", ...}``, for any registered sampler.
 
-``{"llmgraft_sampler": "none"}`` opts a request out of a server-wide default. Keys that belong to no
-llmgraft sampler are ignored (they may be another logits processor's); keys that do are validated strictly.
+``{"llmgraft_sampler": "none"}`` opts a request out of a server-wide default. Unknown ``llmgraft_*`` keys,
+unknown sampler names and unknown prefixed parameters are errors. Once a request selects a sampler, in any
+of the three forms, its other keys are read like this (they may belong to other logits processors):
+
+* a bare key that is exactly one of the sampler's parameters sets it (``{"top_h": 0.3, "variant": "paper"}``);
+* a bare key close to one of its parameters or to a registered sampler name is an error with "did you
+  mean" (:mod:`llmgraft.hooks.names` defines close);
+* any other key passes through untouched.
+
+A request that selects no sampler leaves every other key alone: a bare shorthand of a plugin that is not
+installed looks like any other processor's key, which is why ``llmgraft_sampler`` (an unknown name is an
+error) is the spelling to prefer.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from typing import Any
 from .errors import ParamError
 from .families import Sampler
 from .manager import Registry, get_registry
+from .names import closest
 from .params import Params
 
 SAMPLER_KEY = "llmgraft_sampler"
@@ -44,52 +54,51 @@ def _put(values: dict[str, Any], sampler: str, param: str, value: Any) -> None:
     values[param] = value
 
 
-def _split(fields: Mapping[str, Any], registry: Registry) -> tuple[str | None, dict[str, dict[str, Any]]]:
-    """(explicit sampler name, {sampler name: {param: value}}) from flat fields."""
-    names = sorted(registry.names("sampler"), key=len, reverse=True)
+def _parse(fields: Mapping[str, Any], registry: Registry) -> tuple[str | None, dict[str, Any]]:
+    """(sampler name, :data:`OPT_OUT` or None; that sampler's parameter values) from flat fields."""
+    names = sorted(registry.names("sampler"), key=len, reverse=True)  # longest prefix wins
     explicit = None
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, dict[str, Any]] = {}  # sampler → parameters set by its shorthand or prefixed keys
+    bare: dict[str, Any] = {}
     for key, value in fields.items():
         if key == SAMPLER_KEY:
             if not isinstance(value, str):
                 raise ParamError(f"{SAMPLER_KEY} must be a sampler name, got {value!r}")
             explicit = value
-            continue
-        if key.startswith("llmgraft_"):
+        elif key.startswith("llmgraft_"):
             raise ParamError(f"unknown llmgraft field {key!r}; did you mean {SAMPLER_KEY!r}?")
-        if key in names:
+        elif key in names:
             primary = registry.get("sampler", key).primary
             if primary is None:
                 raise ParamError(f"sampler {key!r} has no shorthand; use {SAMPLER_KEY!r} and {key}_<param> fields")
             _put(found.setdefault(key, {}), key, primary, value)
-            continue
-        for name in names:
-            if key.startswith(name + "_"):
-                _put(found.setdefault(name, {}), name, key[len(name) + 1:], value)
-                break
-    return explicit, found
-
-
-def _parse(fields: Mapping[str, Any], registry: Registry) -> tuple[str | None, dict[str, Any]]:
-    """(sampler name, :data:`OPT_OUT` or None; that sampler's parameter values) from flat fields."""
-    explicit, found = _split(fields, registry)
+        elif prefix := next((n for n in names if key.startswith(n + "_")), None):
+            _put(found.setdefault(prefix, {}), prefix, key[len(prefix) + 1:], value)
+        else:
+            bare[key] = value
     if explicit == OPT_OUT:
         if found:
             raise ParamError(f"{SAMPLER_KEY}='none' conflicts with sampler fields for {', '.join(sorted(found))}")
         return OPT_OUT, {}
     if explicit is not None:
-        sampler = registry.get("sampler", explicit)  # unknown name → UnknownPluginError (a ValueError)
+        registry.get("sampler", explicit)  # an unknown name is an UnknownPluginError (a ValueError)
         others = sorted(set(found) - {explicit})
         if others:
             raise ParamError(f"request selects sampler {explicit!r} but also sets fields of {', '.join(others)}")
-        values = found.get(explicit, {})
-        for name in sampler.params_cls.field_names():  # the general form may also name parameters bare
-            if name in fields:
-                _put(values, explicit, name, fields[name])
-        return explicit, values
-    if len(found) > 1:
+    elif len(found) > 1:
         raise ParamError(f"one llmgraft sampler per request; fields name {', '.join(sorted(found))}")
-    return next(iter(found.items()), (None, {}))
+    selected = explicit or next(iter(found), None)
+    if selected is None:
+        return None, {}
+    values = found.get(selected, {})
+    parameters = registry.get("sampler", selected).params_cls.field_names()
+    for key, value in bare.items():
+        if key in parameters:
+            _put(values, selected, key, value)
+        elif near := closest(key, parameters) or closest(key, names):
+            raise ParamError(f"request field {key!r} is not a parameter of {selected}; did you mean {near!r}? "
+                             f"(parameters: {', '.join(parameters)})")
+    return selected, values
 
 
 def parse_sampler_fields(fields: Mapping[str, Any] | None, registry: Registry | None = None

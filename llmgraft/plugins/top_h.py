@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import torch
 
-from ..hooks.errors import ParamError
-from ..hooks.params import Params, choice, per_row
+from ..hooks.families import Sampler
+from ..hooks.params import Params, choice, param, per_row
 from ..hooks.specs import hookimpl
 from ..kernels.top_h import VARIANTS, top_h
 
@@ -20,22 +20,18 @@ from ..kernels.top_h import VARIANTS, top_h
 class TopHParams(Params):
     owner = "top_h"
 
-    alpha: float = per_row(0.4)
-    top_n: int = 100
-    variant: str = choice("reference", VARIANTS)
-
-    def validate(self) -> None:
-        if not 0.0 < self.alpha <= 1.0:
-            raise ParamError(f"top_h: alpha must be in (0, 1], got {self.alpha}")
-        if not 1 <= self.top_n <= 1_000_000:
-            raise ParamError(f"top_h: top_n must be a positive integer, got {self.top_n}")
+    alpha: float = per_row(0.4, range="(0, 1]",
+                           help="entropy budget: the kept set's entropy stays within alpha times the bound")
+    top_n: int = param(100, range="[1, 1000000]", help="candidates considered: the N most likely tokens")
+    variant: str = choice("reference", VARIANTS,
+                          help="reference: official code; hf: transformers' warper; paper: the stated bound")
 
 
-class TopH:
+class TopH(Sampler):
     """Keep the largest prefix of likely tokens whose cumulative entropy stays under α × a bound."""
 
     name = "top_h"
-    description = "Top-H: entropy-bounded truncation (arXiv 2509.02510); variants reference|hf|paper"
+    description = "Top-H: entropy-bounded truncation (arXiv 2509.02510)"
     params_cls = TopHParams
     primary = "alpha"
 

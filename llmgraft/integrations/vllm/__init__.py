@@ -11,18 +11,18 @@ from .sampling import GraftSampling
 def register() -> None:
     """vLLM general-plugin hook, run in every vLLM process (front end and workers).
 
-    Loads the llmgraft registry so that broken third-party plugins are reported in each process's log at
-    start-up rather than on the first request that names them.
+    Loads the llmgraft registry, so that a broken third-party plugin is reported (once, by the registry's
+    warning) in each process's log at start-up rather than on the first request that names it.
     """
     import logging
 
     from ...hooks import get_registry
+    from .startup import install
 
+    install()
     registry = get_registry()
-    log = logging.getLogger("llmgraft")
-    log.info("llmgraft plugins: %s", ", ".join(f"{e.family}:{e.name}" for e in registry.all_entries()))
-    for origin, message in registry.load_errors.items():
-        log.warning("llmgraft plugin %s skipped: %s", origin, message)
+    logging.getLogger("llmgraft").info(
+        "llmgraft plugins: %s", ", ".join(f"{e.family}:{e.name}" for e in registry.all_entries()))
 
 
 __all__ = ["GraftSampling", "register"]

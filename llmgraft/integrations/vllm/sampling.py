@@ -44,11 +44,18 @@ _BASES = (V1LogitsProcessor,) if V2LogitsProcessor is None else (V1LogitsProcess
 
 
 def _server_default(vllm_config: VllmConfig) -> SamplerChoice | None:
-    """The ``llmgraft`` section of ``--additional-config``, validated (a bad one fails engine start-up)."""
+    """The ``llmgraft`` section of ``--additional-config``, validated (a bad one fails engine start-up,
+    with its reason repeated as the last line of the server's output)."""
+    from ...hooks.errors import LLMGraftError
     from ...hooks.sampling import parse_server_defaults
+    from .startup import report
 
     extra = getattr(vllm_config, "additional_config", None) or {}
-    return parse_server_defaults(extra.get("llmgraft") if isinstance(extra, Mapping) else None)
+    try:
+        return parse_server_defaults(extra.get("llmgraft") if isinstance(extra, Mapping) else None)
+    except LLMGraftError as exc:
+        report(f"invalid --additional-config 'llmgraft' section: {exc}")
+        raise
 
 
 def _choice_for(params: SamplingParams | None, default: SamplerChoice | None) -> SamplerChoice | None:

@@ -1,24 +1,21 @@
 """Top-A sampling as a third-party llmgraft plugin: keep tokens with p >= a * p_max**2."""
 from dataclasses import dataclass
 
-from llmgraft import ParamError, Params, hookimpl, per_row
+from llmgraft import Params, Sampler, hookimpl, per_row
 
 
 @dataclass(frozen=True)
 class TopAParams(Params):
     owner = "top_a"
-    a: float = per_row(0.2)
-
-    def validate(self):
-        if not 0.0 <= self.a <= 1.0:
-            raise ParamError(f"top_a: a must be in [0, 1], got {self.a}")
+    a: float = per_row(0.2, range="[0, 1]", help="keep tokens with p >= a * p_max^2")
 
 
-class TopA:
+class TopA(Sampler):
     name, primary, params_cls = "top_a", "a", TopAParams
     description = "Top-A: keep tokens with p >= a * p_max^2"
 
     def apply(self, logits, params):  # logits [B, V], already temperature-scaled; params.a is [B]
+        logits = logits.nan_to_num_(nan=float("-inf"), neginf=float("-inf"))  # NaN is -inf; +inf becomes finite
         probs = logits.softmax(dim=-1)
         threshold = params.a.unsqueeze(1) * probs.amax(dim=-1, keepdim=True) ** 2
         return logits.masked_fill_(probs < threshold, float("-inf"))
