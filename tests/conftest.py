@@ -50,6 +50,20 @@ def plugin_site(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def examples_site(tmp_path_factory) -> Path:
+    """``llmgraft-examples`` (one small method per family besides samplers) installed and on ``sys.path``."""
+    from llmgraft.hooks import reset_registry
+
+    site = pip_install_target(PLUGINS / "llmgraft-examples", tmp_path_factory.mktemp("site") / "examples")
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    reset_registry()
+    yield site
+    sys.path.remove(str(site))
+    reset_registry()
+
+
+@pytest.fixture(scope="session")
 def broken_site(tmp_path_factory) -> Path:
     """The broken fixture plugins, installed with pip into their own directory (not on sys.path)."""
     return pip_install_target(PLUGINS / "llmgraft-broken", tmp_path_factory.mktemp("site") / "broken")

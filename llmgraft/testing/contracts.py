@@ -1,0 +1,214 @@
+"""The behavioural contract of each hook family, runnable on any method object.
+
+Registration (:meth:`llmgraft.hooks.Family.check`) verifies that a method has every part of its family's
+interface; these checks verify that it behaves as its family promises, on small generated inputs. The
+project's contract test runs them over every registered method, built-in and third-party, so a new method
+is tested by being registered. Plugin authors can run them in their own tests::
+
+    from llmgraft.testing.contracts import check_method
+    check_method("sampler", TopA())
+
+Each check raises :class:`ContractError` naming the method and the broken promise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..hooks import FAMILIES, Params
+
+
+class ContractError(AssertionError):
+    """A method does not do what its family promises."""
+
+
+def _require(condition: bool, method: Any, promise: str) -> None:
+    if not condition:
+        raise ContractError(f"{type(method).__name__} ({getattr(method, 'name', '?')}): {promise}")
+
+
+def default_params(method: Any) -> Params:
+    """The method's parameters at their defaults (every contract runs methods at their defaults)."""
+    try:
+        return method.params_cls()
+    except Exception as exc:  # noqa: BLE001 - a required field, or invalid defaults
+        raise ContractError(f"{method.name}: its parameters must all have valid defaults ({exc})") from None
+
+
+def other_valid_value(params: Params, field: dataclasses.Field) -> Any:
+    """A valid value of a per-row field other than its default (the middle of its range), or None."""
+    from ..hooks.params import _spec
+
+    spec, default = _spec(field), getattr(params, field.name)
+    if spec is None or spec.range is None or not all(map(math.isfinite, (spec.range.low, spec.range.high))):
+        return None
+    middle = (spec.range.low + spec.range.high) / 2
+    middle = middle if isinstance(default, float) else round(middle)
+    if middle == default or middle not in spec.range:
+        return None
+    try:
+        dataclasses.replace(params, **{field.name: middle})
+    except Exception:  # noqa: BLE001 - a cross-field rule forbids it
+        return None
+    return middle
+
+
+# ---- sampler ----------------------------------------------------------------------------------------------
+
+
+def _bad_rows(vocab: int, gen: torch.Generator) -> torch.Tensor:
+    inf = float("inf")
+    rows = torch.randn(5, vocab, generator=gen) * 3
+    rows[0, 1::7] = float("nan")                # scattered NaN (never at the argmax: index 0 set below)
+    rows[0, 0] = rows[0].nan_to_num(nan=-inf).max() + 1
+    rows[1, [2, 5]] = inf                       # +inf tokens
+    rows[2] = -inf                              # no finite logit
+    rows[3] = float("nan")                      # all NaN
+    rows[4, :] = -inf
+    rows[4, 3] = 0.0                            # one finite token
+    return rows
+
+
+def check_sampler(sampler: Any) -> None:
+    params = default_params(sampler)
+    gen = torch.Generator().manual_seed(0)
+    batch, vocab = 6, 257
+    x = torch.randn(batch, vocab, generator=gen) * 3
+    x[1] = x[1] * 0.05                          # nearly flat
+    x[2, 7] = x[2].max() + 25                   # peaked
+
+    per_row = [f for f in dataclasses.fields(params) if f.name in params.per_row_fields()]
+    rows = [params] * batch
+    for f in per_row:  # alternate a per-row field between its default and another valid value
+        if (value := other_valid_value(params, f)) is not None:
+            rows = [r if i % 2 == 0 else dataclasses.replace(r, **{f.name: value}) for i, r in enumerate(rows)]
+    out = sampler.apply(x.clone(), params.stack(rows))
+    _require(isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype, sampler,
+             "apply returns logits of the input's shape and dtype")
+    _require(not torch.isnan(out).any() and not torch.isposinf(out).any(), sampler, "no NaN or +inf out")
+    finite = torch.isfinite(out)
+    _require(bool(finite[torch.arange(batch), x.argmax(-1)].all()), sampler, "keeps each row's argmax token")
+    single = torch.cat([sampler.apply(x[i:i + 1].clone(), params.stack([rows[i]])) for i in range(batch)])
+    _require(torch.equal(torch.isfinite(single), finite) and torch.equal(single[finite], out[finite]), sampler,
+             "a batch with per-row parameters equals the rows one by one")
+
+    bad = _bad_rows(vocab, gen)
+    clean = x[:2]
+    out = sampler.apply(torch.cat([bad, clean]).clone(), params.stack([params] * (len(bad) + 2)))
+    _require(not torch.isnan(out).any() and not torch.isposinf(out).any(), sampler,
+             "bad rows (NaN, +inf, all -inf) give no NaN or +inf")
+    _require(bool(torch.isneginf(out[0][torch.isnan(bad[0])]).all()), sampler, "NaN logits count as -inf")
+    _require(bool(torch.isfinite(out[0, 0])), sampler, "a row with NaN elsewhere keeps its argmax")
+    _require(not torch.isfinite(out[2:4]).any(), sampler, "rows with no finite logit stay without one")
+    _require(torch.isfinite(out[4]).nonzero().flatten().tolist() == [3], sampler,
+             "a row with one finite logit keeps exactly it")
+    alone = sampler.apply(clean.clone(), params.stack([params] * 2))
+    _require(torch.equal(torch.isfinite(out[5:]), torch.isfinite(alone)), sampler,
+             "bad rows do not change the other rows of their batch")
+
+    one = sampler.apply(torch.zeros(1, 1), params.stack([params]))
+    _require(one.shape == (1, 1) and bool(torch.isfinite(one).all()), sampler, "a one-token vocabulary keeps it")
+    low = sampler.apply(x.to(torch.bfloat16), params.stack(rows))
+    _require(low.dtype == torch.bfloat16 and not torch.isnan(low).any(), sampler, "handles bfloat16 logits")
+
+
+# ---- the five families whose real methods come later (first-sketch operations) ------------------------------
+
+
+def check_merger(merger: Any) -> None:
+    params = default_params(merger)
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 4, generator=gen)
+    inputs = [base + 0.1 * torch.randn(6, 4, generator=gen) for _ in range(3)]
+    copies = [t.clone() for t in inputs]
+    for b in (base, None):
+        out = merger.merge(b, inputs, params)
+        _require(isinstance(out, torch.Tensor) and out.shape == base.shape and out.dtype == base.dtype, merger,
+                 "merge returns a tensor of the inputs' shape and dtype")
+        _require(bool(torch.isfinite(out).all()), merger, "finite inputs merge to finite values")
+        _require(torch.equal(merger.merge(b, inputs, params), out), merger, "merging is deterministic")
+    _require(all(torch.equal(a, b) for a, b in zip(inputs, copies)), merger, "inputs are not modified")
+
+
+def _check_indices(method: Any, indices: Any, length: int) -> None:
+    _require(isinstance(indices, torch.Tensor) and indices.dim() == 1 and not indices.is_floating_point(), method,
+             "returns a 1-D integer tensor of indices")
+    _require(indices.numel() >= 1 and bool((indices[1:] > indices[:-1]).all()), method,
+             "indices are sorted, unique and not empty")
+    _require(int(indices.min()) >= 0 and int(indices.max()) < length, method, f"indices lie in [0, {length})")
+
+
+def check_attention(method: Any) -> None:
+    gen = torch.Generator().manual_seed(0)
+    query, keys = torch.randn(2, 8, generator=gen), torch.randn(2, 12, 8, generator=gen)
+    _check_indices(method, method.select(query, keys, default_params(method)), 12)
+
+
+def check_kv_manager(method: Any) -> None:
+    gen = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 12, 8, generator=gen), torch.randn(2, 12, 8, generator=gen)
+    _check_indices(method, method.keep(keys, values, default_params(method)), 12)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def check_optimizer(method: Any) -> None:
+    from .models import build_tiny_llama
+
+    with tempfile.TemporaryDirectory() as scratch:
+        src = build_tiny_llama(Path(scratch) / "src")
+        before = _digest(src)
+        dst = Path(scratch) / "out"
+        report = method.run(src, dst, default_params(method))
+        _require(isinstance(report, dict), method, "run returns a report dict")
+        _require(_digest(src) == before, method, "the source checkpoint is left untouched")
+        files = {p.name for p in dst.iterdir()} if dst.is_dir() else set()
+        _require("config.json" in files and any(f.endswith(".safetensors") for f in files), method,
+                 "the output is a checkpoint directory with config.json and safetensors weights")
+        _require(not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files), method,
+                 "the output holds no pickled weights")
+        _require(not [p for p in Path(scratch).iterdir() if p.name.startswith(".")], method,
+                 "no temporary directory is left beside the output")
+
+
+def check_adapter(method: Any) -> None:
+    params = default_params(method)
+    shapes = {"layers.0.q_proj": (8, 6), "layers.0.v_proj": (4, 6)}
+    state = method.init_state(shapes, params)
+    _require(isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()), method,
+             "init_state returns a dict of tensors")
+    for module, shape in shapes.items():
+        delta = method.delta_weight(state, module, params)
+        _require(isinstance(delta, torch.Tensor) and tuple(delta.shape) == shape, method,
+                 f"delta_weight of {module} has the module's shape {shape}")
+        _require(bool(torch.isfinite(delta).all()), method, "ΔW is finite")
+
+
+CONTRACTS: dict[str, Callable[[Any], None]] = {
+    "sampler": check_sampler,
+    "merger": check_merger,
+    "attention": check_attention,
+    "kv_manager": check_kv_manager,
+    "optimizer": check_optimizer,
+    "adapter": check_adapter,
+}
+assert set(CONTRACTS) == set(FAMILIES), "every family needs a contract"
+
+
+def check_method(family: str, method: Any) -> None:
+    """Registration checks plus the behavioural contract of ``family``; raises :class:`ContractError`."""
+    try:
+        FAMILIES[family].check(method)
+    except TypeError as exc:
+        raise ContractError(str(exc)) from None
+    CONTRACTS[family](method)

@@ -1,0 +1,84 @@
+"""Every registered method of every family, built-in and third-party, against its family's contract.
+
+A new method is tested by being registered: nothing here names one. The second half proves that each
+contract fails a method that breaks one of its promises.
+"""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from llmgraft.hooks import FAMILIES, Registry
+from llmgraft.testing.contracts import ContractError, check_method
+
+
+@pytest.fixture(scope="module")
+def registry(plugin_site, examples_site) -> Registry:
+    return Registry()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_registered_method_keeps_its_family_contract(registry, family):
+    entries = registry.entries[family]
+    assert entries, f"no {family} is registered, so this contract would test nothing"
+    for entry in entries.values():
+        check_method(family, entry.obj)
+
+
+def _like(registry: Registry, family: str, name: str, **methods) -> object:
+    """A copy of a registered method with some operations replaced (a broken variant of a good one)."""
+    original = registry.get(family, name)
+    attributes = {k: getattr(original, k) for k in ("name", "description", "params_cls")}
+    if family == "sampler":
+        attributes["primary"] = original.primary
+    for op in ("apply", "merge", "select", "keep", "run", "init_state", "delta_weight"):
+        if hasattr(original, op):
+            attributes[op] = (lambda f: lambda self, *a: f(*a))(methods.get(op, getattr(original, op)))
+    return type("Broken", (), attributes)()
+
+
+def _drop_argmax(logits, params):
+    out = logits.clone()
+    out[torch.arange(len(out)), logits.argmax(-1)] = float("-inf")
+    return out
+
+
+def _first_row_params(top_a):
+    return lambda logits, params: top_a.apply(logits, SimpleNamespace(a=params.a[:1].expand(len(params.a))))
+
+
+def _write_pickle(optimizer):
+    def run(src, dst, params):
+        report = optimizer.run(src, dst, params)
+        shutil.copy(dst / "model.safetensors", dst / "pytorch_model.bin")
+        return report
+    return run
+
+
+BROKEN = [
+    ("sampler", "top_h", lambda r: {"apply": _drop_argmax}, "keeps each row's argmax"),
+    ("sampler", "top_h", lambda r: {"apply": lambda logits, params: logits}, "no NaN or \\+inf"),
+    ("sampler", "top_a", lambda r: {"apply": _first_row_params(r.get("sampler", "top_a"))}, "rows one by one"),
+    ("merger", "mean", lambda r: {"merge": lambda base, ts, p: ts[0].mul_(2)}, "inputs are not modified"),
+    ("attention", "last_k", lambda r: {"select": lambda q, k, p: torch.tensor([3, 1])}, "sorted"),
+    ("kv_manager", "recent", lambda r: {"keep": lambda k, v, p: torch.tensor([11, 12])}, r"lie in \[0, 12\)"),
+    ("optimizer", "copy", lambda r: {"run": _write_pickle(r.get("optimizer", "copy"))}, "no pickled weights"),
+    ("adapter", "dense", lambda r: {"delta_weight": lambda s, m, p: s[m].T}, "module's shape"),
+]
+
+
+@pytest.mark.parametrize("family, name, broken, promise", BROKEN, ids=[f"{b[0]}-{b[3][:24]}" for b in BROKEN])
+def test_contracts_catch_broken_methods(registry, family, name, broken, promise):
+    with pytest.raises(ContractError, match=promise):
+        check_method(family, _like(registry, family, name, **broken(registry)))
+
+
+def test_registration_part_of_the_contract(registry):
+    incomplete = _like(registry, "sampler", "top_h")
+    del type(incomplete).primary
+    with pytest.raises(ContractError, match="missing attribute `primary`"):
+        check_method("sampler", incomplete)
