@@ -24,17 +24,17 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
 
-    from llmgraft.demo import PROMPTS, set_cpu_engine_env
+    from llmgraft.demo import PROMPTS
+    from llmgraft.testing.engine import cpu_engine, set_cpu_engine_env
 
     set_cpu_engine_env(Path(os.environ.get("TMPDIR", "/tmp")) / "llmgraft-bench")
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from llmgraft.report import format_table
     from llmgraft.testing.models import code_lm_path
 
     model = args.model or str(code_lm_path())
-    engine = LLM(model=model, distributed_executor_backend="uni", enforce_eager=True, dtype="float32",
-                 kv_cache_memory_bytes=256 << 20, max_model_len=1024, seed=0, max_num_seqs=args.requests)
+    engine = cpu_engine(model, kv_cache_bytes=256 << 20, max_num_seqs=args.requests)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     configs = {
         "temperature only": {},

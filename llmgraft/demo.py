@@ -67,38 +67,11 @@ SAMPLERS = [
 ]
 
 
-def set_cpu_engine_env(scratch: Path, quiet: bool = True) -> None:
-    """Environment for a fast, local, in-process vLLM CPU engine (unless the caller already set it).
-
-    Must run before vLLM is imported.
-    """
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    os.environ.setdefault("VLLM_CACHE_ROOT", str(scratch / "vllm-cache"))
-    if quiet:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-
-
-def step_logits(hf_model, outputs, temperature: float):
-    """Scaled logits before every generated token of every completion, stacked to [steps, V]."""
-    import torch
-
-    rows = []
-    with torch.no_grad():
-        for request in outputs:
-            prompt = list(request.prompt_token_ids)
-            for completion in request.outputs:
-                ids = prompt + list(completion.token_ids)
-                logits = hf_model(torch.tensor([ids])).logits[0]
-                rows.append(logits[len(prompt) - 1: len(ids) - 1])
-    return torch.cat(rows) / temperature
-
-
 def run_demo(model: str | Path | None = None, samples: int = 8, max_tokens: int = 48,
              temperatures: tuple[float, ...] = (1.0, 1.5), plot: str | Path | None = None,
              seed: int = 0) -> list[dict]:
     """Generate, score and print; returns one result dict per (temperature, sampler)."""
+    from .testing.engine import completion_logits, cpu_engine, set_cpu_engine_env
     from .testing.models import code_lm_path
 
     model = Path(model) if model else code_lm_path()
@@ -107,13 +80,12 @@ def run_demo(model: str | Path | None = None, samples: int = 8, max_tokens: int 
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from .report import bar_plot, format_table
 
     t0 = time.perf_counter()
-    engine = LLM(model=str(model), distributed_executor_backend="uni", enforce_eager=True, dtype="float32",
-                 kv_cache_memory_bytes=64 << 20, max_model_len=1024, seed=seed, max_num_seqs=64)
+    engine = cpu_engine(model, seed=seed, max_num_seqs=64)
     hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
     print(f"engine ready in {time.perf_counter() - t0:.1f} s: {model.name}, "
           f"{len(PROMPTS)} prompts x {samples} samples x {max_tokens} tokens")
@@ -131,7 +103,8 @@ def run_demo(model: str | Path | None = None, samples: int = 8, max_tokens: int 
         results.append({
             "temperature": temperature,
             "sampler": sampler.label,
-            "mean_kept": float(sampler.kept(step_logits(hf_model, outputs, temperature)).float().mean()),
+            "mean_kept": float(sampler.kept(torch.cat([logits for o in outputs for logits, _ in
+                                                       completion_logits(hf_model, o)]) / temperature).float().mean()),
             "distinct_2": distinct_n([list(c.token_ids) for _, c in completions], 2),
             "syntax_valid": sum(statement_is_valid(p, c.text) for p, c in completions) / len(completions),
             "tokens_per_s": tokens / seconds,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llmgraft.demo import set_cpu_engine_env
+from llmgraft.testing.engine import set_cpu_engine_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = ROOT / ".scratch" / "tests"
@@ -79,10 +79,8 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llm(tiny_llama, plugin_site):
     """One in-process vLLM engine (KV cache sized) shared by the engine tests."""
-    from vllm import LLM
+    from llmgraft.testing.engine import cpu_engine
 
-    engine = LLM(model=str(tiny_llama), distributed_executor_backend="uni", enforce_eager=True,
-                 kv_cache_memory_bytes=64 << 20, max_model_len=512, dtype="float32", seed=0,
-                 max_num_seqs=16)
+    engine = cpu_engine(tiny_llama, max_model_len=512)
     yield engine
     del engine

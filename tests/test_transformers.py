@@ -61,5 +61,7 @@ def test_bad_arguments_fail_clearly():
         GraftLogitsProcessor("top_h", temperature=0)
     with pytest.raises(ParamError, match="alpha"):
         GraftLogitsProcessor("top_h", alpha=2.0)
+    with pytest.raises(ParamError, match="alpha must be a number, got True"):
+        GraftLogitsProcessor("top_h", alpha=True)
     with pytest.raises(UnknownPluginError, match="available"):
         GraftLogitsProcessor("top_zz")

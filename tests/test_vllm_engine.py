@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from llmgraft.kernels.top_h import top_h
+from llmgraft.testing.engine import completion_logits
 
 pytestmark = pytest.mark.engine
 
@@ -28,10 +29,8 @@ def hf_model(tiny_llama):
 
 def step_logits(hf_model, output) -> tuple[torch.Tensor, list[int]]:
     """Temperature-scaled logits [steps, V] before each generated token, and the tokens themselves."""
-    prompt, generated = list(output.prompt_token_ids), list(output.outputs[0].token_ids)
-    with torch.no_grad():
-        logits = hf_model(torch.tensor([prompt + generated])).logits[0]
-    return logits[len(prompt) - 1: len(prompt) - 1 + len(generated)] / TEMPERATURE, generated
+    logits, tokens = completion_logits(hf_model, output)[0]
+    return logits / TEMPERATURE, tokens
 
 
 def outside_top_h(hf_model, outputs, alpha: float) -> int:
@@ -64,7 +63,9 @@ def test_invalid_requests_are_rejected(llm):
 
     for bad, message in (({"top_h": 1.5}, r"alpha must be in \(0, 1\]"),
                          ({"top_h_variant": "nope"}, "must be one of"),
-                         ({"llmgraft_sampler": "missing"}, "no sampler named")):
+                         ({"llmgraft_sampler": "missing"}, "no sampler named"),
+                         ({"top_h": True}, "must be a number"),  # offline a bool stays a bool (HTTP: README)
+                         ({"top_h": 0.3, "varaint": "paper"}, "did you mean 'variant'")):
         with pytest.raises(VLLMValidationError, match=message):
             llm.generate(["x = "], params(0, **bad), use_tqdm=False)
 
@@ -116,10 +117,11 @@ def test_processor_state_follows_batch_updates(llm):
                                   moved=[(0, 1, MoveDirectionality.SWAP)]))
     out = proc.apply(x.clone())
     assert torch.equal(out[1], top_h(x[1:2].clone(), 0.1)[0]) and torch.equal(out[0], x[0])
+    proc.update_state(None)  # vLLM's "no change this step": the swapped assignment must stay
+    assert torch.equal(proc.apply(x.clone()), out)
 
     proc.update_state(BatchUpdate(batch_size=2, removed=[1, 2], added=[], moved=[]))
     assert proc.groups == [] and torch.equal(proc.apply(x[:2].clone()), x[:2])
-    proc.update_state(None)  # no change → nothing to do
 
 
 def test_model_runner_v2_loader_accepts_the_entry_point():
