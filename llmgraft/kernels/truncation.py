@@ -42,10 +42,10 @@ STATISTICS = ("none", "mass", "mass+entropy")
 #: call: 5x slower at B=64, V=128k); rows are processed in chunks that fit it.
 _CHUNK_ELEMENTS = 1 << 21
 _workspace = threading.local()
-#: Up to this many top-N entries per call (B <= 30 at N = 100) the float64 statistics are computed in numpy
+#: Up to this many top-N entries per call (B <= 32 at N = 100) the float64 statistics are computed in numpy
 #: on the CPU: on small arrays its per-operation cost is about half of torch's, and per-operation cost
 #: decides the speed at small batches.
-_NUMPY_MAX_ENTRIES = 3000
+_NUMPY_MAX_ENTRIES = 3200
 #: -inf logits become this (finite) value in the float64 statistics, so that e_i * t_i = 0 * -1e300 = 0
 #: for masked tokens instead of 0 * -inf = NaN.
 _FLOOR = -1e300
