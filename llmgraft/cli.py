@@ -19,7 +19,7 @@ def cmd_plugins(_args: argparse.Namespace) -> int:
     for family in FAMILIES:
         for name in registry.names(family):
             entry = registry.entries[family][name]
-            print(f"\n{family} {name} ({entry.origin}): {entry.obj.description}")
+            print(f"\n{family} {name} from {entry.origin}: {entry.obj.description}")
             rows = [[p["name"], p["type"], repr(p["default"]), p["range"] or "-", p["help"]]
                     for p in entry.obj.params_cls.describe()]
             if rows:

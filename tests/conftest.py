@@ -19,7 +19,6 @@ from llmgraft.testing.engine import set_cpu_engine_env
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = ROOT / ".scratch" / "tests"
 SCRATCH.mkdir(parents=True, exist_ok=True)
-PLUGINS = Path(__file__).resolve().parent / "plugins"
 
 set_cpu_engine_env(SCRATCH, quiet=False)
 os.environ["TMPDIR"] = str(SCRATCH / "tmp")
@@ -27,11 +26,21 @@ Path(os.environ["TMPDIR"]).mkdir(parents=True, exist_ok=True)
 tempfile.tempdir = None
 
 
-def pip_install_target(package_dir: Path, target: Path) -> Path:
-    """Really ``pip install`` a fixture plugin package into an isolated directory (no venv mutation)."""
+#: The README's install command for the example plugin; :func:`pip_install_target` runs it as written.
+PLUGIN_INSTALL = "pip install ./tests/plugins/llmgraft-top-a"
+
+
+def pip_install_target(command: str, target: Path) -> Path:
+    """Run a README ``pip install`` command for real, into an isolated directory (no venv mutation).
+
+    pip reads its options from the environment: the target directory, no dependencies (llmgraft is
+    already here), no index and no build isolation (the tests run offline).
+    """
     if not target.exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                        "--no-index", "--target", str(target), str(package_dir)], check=True)
+        assert command.startswith("pip install "), command
+        env = dict(os.environ, PIP_TARGET=str(target), PIP_NO_DEPS="1", PIP_NO_INDEX="1",
+                   PIP_NO_BUILD_ISOLATION="0", PIP_QUIET="1")
+        subprocess.run([sys.executable, "-m", *command.split()], check=True, cwd=ROOT, env=env)
     return target
 
 
@@ -40,7 +49,7 @@ def plugin_site(tmp_path_factory) -> Path:
     """The example third-party plugin ``llmgraft-top-a`` installed with pip and on ``sys.path``."""
     from llmgraft.hooks import reset_registry
 
-    site = pip_install_target(PLUGINS / "llmgraft-top-a", tmp_path_factory.mktemp("site") / "top-a")
+    site = pip_install_target(PLUGIN_INSTALL, tmp_path_factory.mktemp("site") / "top-a")
     sys.path.insert(0, str(site))
     importlib.invalidate_caches()
     reset_registry()
@@ -54,7 +63,8 @@ def examples_site(tmp_path_factory) -> Path:
     """``llmgraft-examples`` (one small method per family besides samplers) installed and on ``sys.path``."""
     from llmgraft.hooks import reset_registry
 
-    site = pip_install_target(PLUGINS / "llmgraft-examples", tmp_path_factory.mktemp("site") / "examples")
+    site = pip_install_target("pip install ./tests/plugins/llmgraft-examples",
+                              tmp_path_factory.mktemp("site") / "examples")
     sys.path.insert(0, str(site))
     importlib.invalidate_caches()
     reset_registry()
@@ -66,7 +76,7 @@ def examples_site(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def broken_site(tmp_path_factory) -> Path:
     """The broken fixture plugins, installed with pip into their own directory (not on sys.path)."""
-    return pip_install_target(PLUGINS / "llmgraft-broken", tmp_path_factory.mktemp("site") / "broken")
+    return pip_install_target("pip install ./tests/plugins/llmgraft-broken", tmp_path_factory.mktemp("site") / "broken")
 
 
 @pytest.fixture(scope="session")

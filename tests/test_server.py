@@ -1,10 +1,12 @@
-"""The OpenAI-compatible server as a user runs it: a separate engine-core process, ``--additional-config``
-server defaults, ``vllm_xargs`` request fields, HTTP 400 on bad values, and a third-party sampler."""
+"""The OpenAI-compatible server as the README starts it: a separate engine-core process, the
+``--additional-config`` default, ``vllm_xargs`` request fields, HTTP 400s, a third-party sampler, and a bad
+server config that must stop the server with its reason in the last line."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -13,6 +15,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import ROOT
+from readme_blocks import block
 
 pytestmark = pytest.mark.slow
 
@@ -23,18 +27,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def readme_server() -> tuple[list[str], str]:
+    """The README's server command (as argv) and its curl command (as a shell snippet)."""
+    code = block("server").code
+    server, _, curl = code.partition(" &\n")
+    argv = shlex.split(server.replace("\\\n", " "))
+    assert argv[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
+    return [sys.executable, *argv[1:]], curl.strip()
+
+
+def _start(argv: list[str], log, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+
 @pytest.fixture(scope="module")
-def server(tiny_llama, plugin_site, tmp_path_factory):
+def server(plugin_site, tmp_path_factory):
+    argv, curl = readme_server()
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", PYTHONPATH=str(plugin_site))
-    default = {"llmgraft": {"sampler": "top_h", "top_h": 0.01}}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_llama),
-           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "512", "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager",
-           "--max-num-seqs", "8", "--additional-config", json.dumps(default)]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = _start([*argv, "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "8", "--enforce-eager"],
+                      out, env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
     try:
@@ -50,7 +64,7 @@ def server(tiny_llama, plugin_site, tmp_path_factory):
             if time.time() > deadline:
                 pytest.fail(f"server did not start in 240 s:\n{log.read_text()[-4000:]}")
             time.sleep(1)
-        yield base
+        yield base, curl.replace("localhost:8000", f"127.0.0.1:{port}")
     finally:
         proc.terminate()
         try:
@@ -60,7 +74,7 @@ def server(tiny_llama, plugin_site, tmp_path_factory):
 
 
 def complete(base: str, **body) -> tuple[int, dict]:
-    body = {"model": "tiny", "prompt": "def main():\n    ", "max_tokens": 16, "seed": 7, "ignore_eos": True,
+    body = {"model": "code-lm", "prompt": "def main():\n    ", "max_tokens": 16, "seed": 7, "ignore_eos": True,
             **body}
     request = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -75,25 +89,55 @@ def text(reply: dict) -> str:
     return reply["choices"][0]["text"]
 
 
+def test_readme_curl(server):
+    _, curl = server
+    reply = json.loads(subprocess.run(curl, shell=True, capture_output=True, text=True, check=True).stdout)
+    assert reply["choices"][0]["text"] and reply["usage"]["completion_tokens"] == 32
+
+
 def test_server_default_request_fields_and_errors(server):
-    status, greedy = complete(server, temperature=0.0)
+    base, _ = server
+    status, greedy = complete(base, temperature=0.0)
     assert status == 200
-    # The server default (top_h alpha 0.01) keeps only the top token: hot sampling collapses to greedy.
-    status, hot_default = complete(server, temperature=2.0)
-    assert status == 200 and text(hot_default) == text(greedy)
-    status, hot_plain = complete(server, temperature=2.0, vllm_xargs={"llmgraft_sampler": "none"})
+    # A tiny alpha keeps only the top token: hot sampling collapses to greedy; opting out does not.
+    status, collapsed = complete(base, temperature=2.0, vllm_xargs={"top_h": 0.001})
+    assert status == 200 and text(collapsed) == text(greedy)
+    status, hot_plain = complete(base, temperature=2.0, vllm_xargs={"llmgraft_sampler": "none"})
     assert status == 200 and text(hot_plain) != text(greedy)
-    status, _ = complete(server, temperature=2.0, vllm_xargs={"top_h": 0.5, "top_h_variant": "hf"})
+    status, _ = complete(base, temperature=2.0, vllm_xargs={"top_h": 0.5, "variant": "hf"})
     assert status == 200
 
-    status, error = complete(server, temperature=1.0, vllm_xargs={"top_h": 5})
-    assert status == 400 and "alpha must be in (0, 1]" in json.dumps(error)
-    status, error = complete(server, temperature=1.0, vllm_xargs={"llmgraft_sampler": "nope"})
-    assert status == 400 and "no sampler named 'nope'" in json.dumps(error)
+    for fields, message in (({"top_h": 5}, "alpha must be in (0, 1]"),
+                            ({"llmgraft_sampler": "nope"}, "no sampler named 'nope'"),
+                            ({"llmgraft_sampler": "top_h", "alpah": 0.3}, "did you mean 'alpha'")):
+        status, error = complete(base, temperature=1.0, vllm_xargs=fields)
+        assert status == 400 and message in json.dumps(error), error
+
+
+def test_json_true_arrives_as_one(server):
+    """The documented HTTP limitation: vLLM's schema turns true into 1 before llmgraft sees it."""
+    base, _ = server
+    status, _ = complete(base, temperature=1.0, vllm_xargs={"top_h": True})
+    assert status == 200  # ran as alpha = 1 (offline, HF and --additional-config reject a bool)
 
 
 def test_third_party_sampler_runs_in_the_engine_process(server):
-    status, _ = complete(server, temperature=1.0, vllm_xargs={"llmgraft_sampler": "top_a", "top_a_a": 0.3})
+    base, _ = server
+    status, _ = complete(base, temperature=1.0, vllm_xargs={"llmgraft_sampler": "top_a", "a": 0.3})
     assert status == 200
-    with urllib.request.urlopen(f"{server}/health", timeout=5) as r:  # the engine core survived the batch
+    with urllib.request.urlopen(f"{base}/health", timeout=5) as r:  # the engine core survived the batch
         assert r.status == 200
+
+
+def test_bad_server_config_stops_with_its_reason_last(tmp_path):
+    argv, _ = readme_server()
+    config = argv.index("--additional-config") + 1
+    argv[config] = json.dumps({"llmgraft": {"sampler": "top_h", "top_h": 5}})
+    log = tmp_path / "bad.log"
+    with open(log, "w") as out:
+        proc = _start([*argv, "--host", "127.0.0.1", "--port", str(_free_port()), "--enforce-eager"], out,
+                      dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"))
+        assert proc.wait(240) != 0
+    last = log.read_text().rstrip().splitlines()[-1]
+    assert last == ("llmgraft: vLLM could not start: invalid --additional-config 'llmgraft' section: "
+                    "top_h: alpha must be in (0, 1], got 5.0")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from ..hooks.errors import CheckpointError
 from ..io import atomic_directory
 
 #: The bundled code LM (weights + tokenizer) shipped inside the package.
@@ -16,9 +17,9 @@ CODE_LM_DIR = Path(__file__).resolve().parent.parent / "assets" / "code-lm"
 
 
 def code_lm_path() -> Path:
-    """Directory of the bundled, trained code LM; raise a clear error if the package lacks it."""
-    if not (CODE_LM_DIR / "config.json").exists():
-        raise FileNotFoundError(
+    """Directory of the bundled, trained code LM; a :class:`CheckpointError` if the package lacks it."""
+    if not (CODE_LM_DIR / "config.json").exists() or not (CODE_LM_DIR / "model.safetensors").exists():
+        raise CheckpointError(
             f"bundled code LM missing at {CODE_LM_DIR}; train it with `python -m llmgraft.testing.code_lm`")
     return CODE_LM_DIR
 

@@ -1,0 +1,105 @@
+"""Every fenced code block of the README runs here (the server block runs in test_server.py), so the README
+cannot drift from what works. Each block carries a ``<!-- readme-test: ... -->`` note naming how."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PLUGIN_INSTALL, ROOT
+from readme_blocks import block, blocks, commands
+
+HANDLED = {"make", "output of make demo", "same as make setup", "output of llmgraft plugins", "run",
+           "server", "plugin install", "run with the plugin installed", "smoke", "layout"}
+
+
+def run(cmd: list[str] | str, env: dict | None = None, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                            env={**os.environ, **(env or {})}, shell=isinstance(cmd, str), **kwargs)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_every_block_has_a_test():
+    for b in blocks():
+        assert b.note in HANDLED or (b.note or "").startswith("file "), \
+            f"README line {b.line}: code block without a known <!-- readme-test: ... --> note ({b.note!r})"
+
+
+@pytest.mark.slow
+def test_quickstart_make_demo(tmp_path):
+    """``make demo`` as written (smaller), and its output's table as the README shows it."""
+    assert commands(block("make").code) == ["make demo", "make test"]
+    assert "make test" in (ROOT / ".ci" / "run").read_text()  # CI runs the second line itself
+    plot = tmp_path / "demo.png"
+    out = run(["make", "demo", f"DEMO_PLOT={plot}", "DEMO_ARGS=--samples 2 --max-tokens 16 --temperatures 1.0"],
+              env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}).stdout
+    header = block("output of make demo").code.splitlines()[0].split()
+    shown = next(line for line in out.splitlines() if line.startswith("T  "))
+    assert shown.split() == header
+    for label in ("vLLM top-p 0.9", "vLLM min-p 0.1", "llmgraft top-h 0.4"):
+        assert label in out
+    assert plot.stat().st_size > 10_000
+
+
+def test_install_commands_are_what_make_setup_runs():
+    recipe = run(["make", "-n", "-B", "setup"]).stdout.splitlines()
+    made = [line.split("||")[-1].strip() for line in recipe if not line.startswith("touch ")]
+    assert commands(block("same as make setup").code) == made
+
+
+def test_plugins_listing_is_the_real_output():
+    shown = block("output of llmgraft plugins").code.splitlines()
+    assert shown[0] == "$ llmgraft plugins"
+    out = run([sys.executable, "-m", "llmgraft.cli", "plugins"], env={"LLMGRAFT_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert out.stdout.rstrip("\n").splitlines() == shown[1:]
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("index", range(2))
+def test_python_blocks_run(index):
+    code = [b for b in blocks() if b.note == "run"][index].code
+    out = run([sys.executable, "-c", code], env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert out.stdout.strip(), "the block prints a completion"
+
+
+def test_contract_block_runs_with_the_plugin_installed(plugin_site):
+    run([sys.executable, "-c", block("run with the plugin installed").code], env={"PYTHONPATH": str(plugin_site)})
+
+
+@pytest.mark.parametrize("note", [b.note for b in blocks() if (b.note or "").startswith("file ")])
+def test_plugin_files_are_the_tested_fixture(note):
+    path = ROOT / note.removeprefix("file ")
+    assert block(note).code == path.read_text().rstrip("\n")
+
+
+def test_plugin_install_command_is_the_one_the_tests_run(plugin_site):
+    assert commands(block("plugin install").code) == [PLUGIN_INSTALL]
+    assert (plugin_site / "llmgraft_top_a.py").exists()
+
+
+SMOKE_ARGS = {"bench_top_h.py": ["--runs", "1", "--repeats", "3", "--batches", "1", "--vocabs", "4096",
+                                 "--no-context"],
+              "bench_decode.py": ["--requests", "4", "--max-tokens", "8", "--repeats", "1"]}
+
+
+@pytest.mark.engine
+def test_benchmark_commands_run_small(tmp_path):
+    for command in commands(block("smoke").code):
+        argv = command.split()
+        assert argv[0] == ".venv/bin/python" and argv[argv.index("--out") - 1].startswith("benchmarks/")
+        script = Path(argv[1]).name
+        out = tmp_path / script
+        argv[argv.index("--out") + 1] = str(out)  # never overwrite the committed results
+        run([sys.executable, *argv[1:], *SMOKE_ARGS[script]], env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+        assert out.with_suffix(".md").stat().st_size > 100
+
+
+def test_layout_lists_real_folders():
+    for line in block("layout").code.splitlines():
+        folder = re.split(r"\s{2,}", line)[0]
+        assert (ROOT / folder).is_dir(), folder
