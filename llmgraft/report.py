@@ -67,3 +67,30 @@ def bar_plot(path: str | Path, groups: Sequence[str], series: dict[str, Sequence
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def ratio_plot(path: str | Path, groups: Sequence[str], series: dict[str, Sequence[tuple[float, float, float]]],
+               title: str, ylabel: str, target: float = 1.0) -> Path:
+    """Grouped bars of ratios (median, with min-max whiskers) per group, and a dashed line at ``target``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 3.8))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        mids = [v[1] for v in values]
+        whiskers = [[m - v[0] for m, v in zip(mids, values)], [v[2] - m for m, v in zip(mids, values)]]
+        ax.bar(xs, mids, width, yerr=whiskers, capsize=2, label=name, color=plt.cm.tab10.colors[i])
+    ax.axhline(target, color="black", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -5,6 +5,7 @@ vLLM settings must be in the environment before vLLM is imported, so they are se
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import subprocess
@@ -44,33 +45,34 @@ def pip_install_target(command: str, target: Path) -> Path:
     return target
 
 
-@pytest.fixture(scope="session")
-def plugin_site(tmp_path_factory) -> Path:
-    """The example third-party plugin ``llmgraft-top-a`` installed with pip and on ``sys.path``."""
+@contextlib.contextmanager
+def installed_on_path(command: str, tmp_path_factory):
+    """Install a fixture plugin with ``command``, put it on ``sys.path`` and rediscover plugins."""
     from llmgraft.hooks import reset_registry
 
-    site = pip_install_target(PLUGIN_INSTALL, tmp_path_factory.mktemp("site") / "top-a")
+    site = pip_install_target(command, tmp_path_factory.mktemp("site") / command.rsplit("/", 1)[-1])
     sys.path.insert(0, str(site))
     importlib.invalidate_caches()
     reset_registry()
-    yield site
-    sys.path.remove(str(site))
-    reset_registry()
+    try:
+        yield site
+    finally:
+        sys.path.remove(str(site))
+        reset_registry()
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory) -> Path:
+    """The example third-party plugin ``llmgraft-top-a``, installed as the README says and on ``sys.path``."""
+    with installed_on_path(PLUGIN_INSTALL, tmp_path_factory) as site:
+        yield site
 
 
 @pytest.fixture(scope="session")
 def examples_site(tmp_path_factory) -> Path:
     """``llmgraft-examples`` (one small method per family besides samplers) installed and on ``sys.path``."""
-    from llmgraft.hooks import reset_registry
-
-    site = pip_install_target("pip install ./tests/plugins/llmgraft-examples",
-                              tmp_path_factory.mktemp("site") / "examples")
-    sys.path.insert(0, str(site))
-    importlib.invalidate_caches()
-    reset_registry()
-    yield site
-    sys.path.remove(str(site))
-    reset_registry()
+    with installed_on_path("pip install ./tests/plugins/llmgraft-examples", tmp_path_factory) as site:
+        yield site
 
 
 @pytest.fixture(scope="session")

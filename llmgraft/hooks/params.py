@@ -162,6 +162,11 @@ class Params:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
+    def spec(cls, name: str) -> FieldSpec | None:
+        """What :func:`param` declared for field ``name`` (help, range, choices, per_row)."""
+        return next((_spec(f) for f in dataclasses.fields(cls) if f.name == name), None)
+
+    @classmethod
     def describe(cls) -> list[dict[str, Any]]:
         """Per field: name, type, default, range (or choices) and help, for ``llmgraft plugins`` and docs."""
         hints = typing.get_type_hints(cls)

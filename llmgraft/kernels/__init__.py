@@ -1,2 +1,2 @@
-"""Numeric kernels. Each has a torch reference (the spec); Triton versions, where they pay off, are tested
-against it. Nothing here imports a host framework."""
+"""Numeric kernels, in torch: each is the reference (the spec) and the CPU path. GPU paths (Triton) will be
+tested against them and picked by device. Nothing here imports a host framework."""

@@ -27,10 +27,11 @@ _SLACK = 1e-9
 
 
 def _prefix_sums(top: TopN):
-    """C_k = Σ_{2≤i≤k} e_i (so Z_k = 1 + C_k keeps its small part exact) and W_k = Σ_{i≤k} e_i t_i ≤ 0."""
-    rest = top.weight * 1.0
-    rest[:, 0] = 0.0
-    return rest.cumsum(-1), (top.weight * top.shifted).cumsum(-1)
+    """Over k = 2..N: C_k = Σ_{2≤i≤k} e_i (so Z_k = 1 + C_k keeps its small part exact) and
+    W_k = Σ_{i≤k} e_i t_i ≤ 0 (the first token adds exactly 1 to Z and 0 to W). The first token is kept
+    by every rule, so the rules count the tokens they keep beyond it."""
+    e, t = top.weight[:, 1:], top.shifted[:, 1:]
+    return e.cumsum(-1), (e * t).cumsum(-1)
 
 
 def _reference_count(top: TopN, alpha):
@@ -39,7 +40,7 @@ def _reference_count(top: TopN, alpha):
     log_s = top.xp.log1p(c[:, -1:] + top.tail_mass)
     scaled = (c + 1.0) * log_s - w
     tau = scaled[:, -1:] * (top.column(alpha) * (1.0 + _SLACK))
-    return ((scaled <= tau) & (top.weight > 0)).sum(-1)
+    return 1 + ((scaled <= tau) & (top.weight[:, 1:] > 0)).sum(-1)
 
 
 def _hf_count(top: TopN, alpha):
@@ -61,9 +62,9 @@ def _paper_count(top: TopN, alpha):
     h_prefix = xp.log1p(c) - w / z
     tail_mass, tail_weighted = top.tail_mass, top.tail_weighted
     h_full = xp.log1p(c[:, -1:] + tail_mass) - (w[:, -1:] + tail_weighted) / (z[:, -1:] + tail_mass)
-    ok = (h_prefix <= h_full * (top.column(alpha) * (1.0 + _SLACK))) & (top.weight > 0)
-    # Length of the leading run of True: the first violation stops the greedy growth.
-    return ok.cumprod(-1).sum(-1)
+    ok = (h_prefix <= h_full * (top.column(alpha) * (1.0 + _SLACK))) & (top.weight[:, 1:] > 0)
+    # 1 + the length of the leading run of True: the first violation stops the greedy growth.
+    return 1 + ok.cumprod(-1).sum(-1)
 
 
 def top_h(logits: torch.Tensor, alpha: torch.Tensor | float, top_n: int = 100,

@@ -76,13 +76,12 @@ class TopN:
     xp: ModuleType = torch
 
     def column(self, values: Any) -> Any:
-        """A float or [B] tensor of per-row values as a [B, 1] float64 array of ``xp``."""
-        batch = self.logits.shape[0]
+        """A float or [B] tensor of per-row values as a [B, 1] float64 array of ``xp`` (floats pass as is)."""
+        if isinstance(values, (int, float)):
+            return float(values)
         if self.xp is np:
-            values = values.numpy() if isinstance(values, torch.Tensor) else values
-            return np.broadcast_to(np.asarray(values, dtype=np.float64), (batch,))[:, None]
-        values = torch.as_tensor(values, dtype=torch.float64, device=self.logits.device)
-        return values.expand(batch).unsqueeze(1)
+            return values.numpy().astype(np.float64)[:, None]
+        return values.to(device=self.logits.device, dtype=torch.float64).unsqueeze(1)
 
 
 def _apply_bad_logit_policy(logits: torch.Tensor, top_logits: torch.Tensor, top_idx: torch.Tensor):

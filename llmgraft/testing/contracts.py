@@ -45,9 +45,7 @@ def default_params(method: Any) -> Params:
 
 def other_valid_value(params: Params, field: dataclasses.Field) -> Any:
     """A valid value of a per-row field other than its default (the middle of its range), or None."""
-    from ..hooks.params import _spec
-
-    spec, default = _spec(field), getattr(params, field.name)
+    spec, default = params.spec(field.name), getattr(params, field.name)
     if spec is None or spec.range is None or not all(map(math.isfinite, (spec.range.low, spec.range.high))):
         return None
     middle = (spec.range.low + spec.range.high) / 2
