@@ -203,3 +203,19 @@ def test_entropy_pass_in_chunks_equals_one_pass(monkeypatch):
     whole = top_h(x.clone(), 0.4, 100, "paper")
     monkeypatch.setattr(truncation, "_CHUNK_ELEMENTS", 4096 * 5)  # 5 rows per chunk, 3 chunks
     assert torch.equal(top_h(x.clone(), 0.4, 100, "paper"), whole)
+
+
+@pytest.mark.parametrize("batch, vocab", [(1, 25600), (3, 32768), (8, 40003), (1, 131072)])
+def test_two_stage_selection_gives_topk_values(batch, vocab):
+    """Few long rows take the grouped selection; its values must be exactly torch.topk's, NaN rows too."""
+    from llmgraft.kernels.truncation import select_top_n
+
+    x = random_logits(batch, vocab, 3.0, seed=vocab)
+    x[0, -1] = 50.0                     # the winner sits past the last whole group of 16
+    x[-1, :: 3] = x[-1, 0]              # exact ties
+    if batch > 1:
+        x[1, 5] = float("nan")
+    values, index = select_top_n(x, 100)
+    torch.testing.assert_close(values, torch.topk(x, 100).values, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(x.gather(1, index), values, rtol=0, atol=0, equal_nan=True)
+    assert all(len(set(row.tolist())) == 100 for row in index)

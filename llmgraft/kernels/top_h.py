@@ -78,5 +78,5 @@ def top_h(logits: torch.Tensor, alpha: torch.Tensor | float, top_n: int = 100,
     if variant == "reference":
         return truncate_top_n(logits, top_n, lambda top: _reference_count(top, alpha), "mass")
     if variant == "hf":
-        return truncate_top_n(logits, top_n, lambda top: _hf_count(top, alpha))
+        return truncate_top_n(logits, top_n, lambda top: _hf_count(top, alpha), torch_ties=True)
     return truncate_top_n(logits, top_n, lambda top: _paper_count(top, alpha), "mass+entropy")

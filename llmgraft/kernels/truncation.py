@@ -146,16 +146,50 @@ def _buffer(shape: tuple[int, int], device: torch.device) -> torch.Tensor:
     return view
 
 
-def top_n_statistics(logits: torch.Tensor, top_n: int, statistics: str = "none") -> TopN:
+_GROUP = 16
+_GROUP_OFFSETS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def select_top_n(logits: torch.Tensor, n: int, torch_ties: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` largest logits of every row, sorted, and their indices: ``torch.topk``'s values.
+
+    For a few long rows (B <= 8, V >= 256·n), in two stages, 2-4x faster on the CPU: the maxima of
+    strided groups of 16 tokens, the top n groups, then the top n among those groups' tokens. Every token
+    of the top n lies in a group whose maximum is among the top n maxima, so the values are exactly
+    ``torch.topk``'s; only which of several exactly equal logits is chosen may differ. ``torch_ties``
+    keeps ``torch.topk``'s choice (transformers' warper is defined by it).
+    """
+    batch, vocab = logits.shape
+    if torch_ties or batch > 8 or vocab < 256 * n:
+        return torch.topk(logits, n, dim=-1, largest=True, sorted=True)
+    cols = vocab // _GROUP
+    body = cols * _GROUP
+    maxima = logits[:, :body].view(batch, _GROUP, cols).amax(1)  # NaN and +inf propagate: their groups win
+    groups = torch.topk(maxima, n, dim=-1, sorted=False).indices
+    key = (cols, logits.device)
+    offsets = _GROUP_OFFSETS.get(key)
+    if offsets is None:
+        offsets = _GROUP_OFFSETS[key] = torch.arange(_GROUP, device=logits.device) * cols
+    candidates = (groups.unsqueeze(-1) + offsets).view(batch, n * _GROUP)
+    if body < vocab:  # the few tokens past the last whole group are always candidates
+        rest = torch.arange(body, vocab, device=logits.device).expand(batch, -1)
+        candidates = torch.cat([candidates, rest], dim=1)
+    values, where = torch.topk(logits.gather(1, candidates), n, dim=-1, largest=True, sorted=True)
+    return values, candidates.gather(1, where)
+
+
+def top_n_statistics(logits: torch.Tensor, top_n: int, statistics: str = "none",
+                     torch_ties: bool = False) -> TopN:
     """The sorted top-N of every row (bad-logit policy applied) and, per ``statistics``, exact statistics.
 
     May overwrite ``logits`` with scratch values: callers rewrite every entry (:func:`truncate_top_n`).
+    ``torch_ties``: see :func:`select_top_n`.
     """
     if statistics not in STATISTICS:
         raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}")
     batch, vocab = logits.shape
     n = min(top_n, vocab)
-    top_logits, top_idx = torch.topk(logits, n, dim=-1, largest=True, sorted=True)
+    top_logits, top_idx = select_top_n(logits, n, torch_ties)
     host = logits.device.type == "cpu" and top_logits.dtype == torch.float32
     # topk sorts NaN first, so a non-finite row maximum flags every row needing the policy, and one check
     # of the first column tells whether any does: clean rows (nearly all) pay for no pass over the
@@ -215,7 +249,7 @@ def _ranks(n: int, device: torch.device | None) -> Any:
 
 
 def truncate_top_n(logits: torch.Tensor, top_n: int, keep_count: Callable[[TopN], Any],
-                   statistics: str = "none") -> torch.Tensor:
+                   statistics: str = "none", torch_ties: bool = False) -> torch.Tensor:
     """Keep, in each row, the ``keep_count(top)`` most likely of its ``top_n`` largest logits, in place.
 
     ``keep_count`` receives the :class:`TopN` of :func:`top_n_statistics` and returns integer counts [B]
@@ -227,7 +261,7 @@ def truncate_top_n(logits: torch.Tensor, top_n: int, keep_count: Callable[[TopN]
     if logits.shape[0] == 0 or logits.shape[1] == 0:
         return logits
     with torch.no_grad():
-        top = top_n_statistics(logits, top_n, statistics)
+        top = top_n_statistics(logits, top_n, statistics, torch_ties)
         n = top.logits.shape[1]
         count = keep_count(top)
         if isinstance(count, np.ndarray):
