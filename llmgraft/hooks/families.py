@@ -36,6 +36,10 @@ class Method:
     #: The method's parameters.
     params_cls: ClassVar[type[Params]]
 
+    @staticmethod
+    def check_declaration(obj: Any) -> None:
+        """The family's own rules about a method's declared parts, beyond their presence (a TypeError)."""
+
 
 class Sampler(Method):
     """Logits → truncated/reshaped logits for a batch.
@@ -49,6 +53,13 @@ class Sampler(Method):
 
     #: The parameter that the shorthand request field ``{name: value}`` sets, or None for no shorthand.
     primary: ClassVar[str | None]
+
+    @staticmethod
+    def check_declaration(obj: Any) -> None:
+        fields = obj.params_cls.field_names()
+        if obj.primary is not None and obj.primary not in fields:
+            raise TypeError(f"sampler {obj.name!r}: `primary` {obj.primary!r} is not one of its parameters "
+                            f"({', '.join(fields)})")
 
     def apply(self, logits: torch.Tensor, params: SimpleNamespace) -> torch.Tensor:
         raise NotImplementedError
@@ -135,9 +146,7 @@ class Family:
         for attribute in self.attributes():
             if not hasattr(obj, attribute):
                 raise TypeError(f"{where}: missing attribute `{attribute}` (see llmgraft.{self.base.__name__})")
-        if self.name == "sampler" and obj.primary is not None and obj.primary not in params_cls.field_names():
-            raise TypeError(f"{where}: `primary` {obj.primary!r} is not one of its parameters "
-                            f"({', '.join(params_cls.field_names())})")
+        self.base.check_declaration(obj)
         for operation in self.operations:
             method = getattr(obj, operation, None)
             if not callable(method):
