@@ -2,7 +2,7 @@
 
 Public API for plugin authors::
 
-    from llmgraft import Sampler, Params, param, per_row, choice, hookimpl, ParamError
+    from llmgraft import Sampler, Params, param, per_row, choice, hookimpl, ParamError, sanitize_logits_
 
 and for users: ``get_registry().get("sampler", "top_h")``. Importing llmgraft loads no plugin and no host
 framework: plugins load on the first :func:`get_registry` call.
@@ -29,6 +29,16 @@ from .hooks import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # Loaded on first use, so that ``import llmgraft`` stays free of torch.
+    if name == "sanitize_logits_":
+        from .kernels.truncation import sanitize_logits_
+
+        return sanitize_logits_
+    raise AttributeError(f"module 'llmgraft' has no attribute {name!r}")
+
+
 __all__ = ["Adapter", "Attention", "KVManager", "LLMGraftError", "Merger", "Optimizer", "ParamError", "Params",
            "PluginLoadError", "Sampler", "UnknownPluginError", "__version__", "choice", "get_registry",
-           "hookimpl", "param", "per_row"]
+           "hookimpl", "param", "per_row", "sanitize_logits_"]

@@ -1,6 +1,6 @@
-"""The ``llmgraft`` command.
+"""The llmgraft command.
 
-    llmgraft plugins                 families, names, origins and parameters of every loaded method
+    llmgraft plugins                 every loaded method: family, origin, description, parameters
     llmgraft demo [--plot demo.png]  vLLM on the bundled code LM: top-p vs min-p vs Top-H
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import __version__
 from .hooks import FAMILIES, get_registry
 from .report import format_table
 
@@ -46,14 +47,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmgraft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"llmgraft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("plugins", help="list loaded methods").set_defaults(func=cmd_plugins)
-    demo = sub.add_parser("demo", help="compare samplers on a real vLLM engine")
+    sub.add_parser("plugins", help="list loaded methods and their parameters").set_defaults(func=cmd_plugins)
+    demo = sub.add_parser("demo", help="compare samplers on a real vLLM engine",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--model", help="model directory (default: the bundled code LM)")
     demo.add_argument("--samples", type=int, default=8, help="completions per prompt")
-    demo.add_argument("--max-tokens", type=int, default=48)
-    demo.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 1.5])
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--max-tokens", type=int, default=48, help="tokens per completion")
+    demo.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 1.5], help="sampling temperatures")
+    demo.add_argument("--seed", type=int, default=0, help="sampling seed")
     demo.add_argument("--plot", help="also write a PNG bar chart here")
     demo.set_defaults(func=cmd_demo)
     return parser

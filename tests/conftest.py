@@ -28,7 +28,8 @@ tempfile.tempdir = None
 
 
 #: The README's install command for the example plugin; :func:`pip_install_target` runs it as written.
-PLUGIN_INSTALL = "pip install ./tests/plugins/llmgraft-top-a"
+PLUGIN_INSTALL = ".venv/bin/python -m pip install ./tests/plugins/llmgraft-top-a"
+_PIP = ".venv/bin/python -m pip install "
 
 
 def pip_install_target(command: str, target: Path) -> Path:
@@ -38,10 +39,11 @@ def pip_install_target(command: str, target: Path) -> Path:
     already here), no index and no build isolation (the tests run offline).
     """
     if not target.exists():
-        assert command.startswith("pip install "), command
+        assert command.startswith(_PIP), command
         env = dict(os.environ, PIP_TARGET=str(target), PIP_NO_DEPS="1", PIP_NO_INDEX="1",
                    PIP_NO_BUILD_ISOLATION="0", PIP_QUIET="1")
-        subprocess.run([sys.executable, "-m", *command.split()], check=True, cwd=ROOT, env=env)
+        subprocess.run([sys.executable, "-m", "pip", "install", *command[len(_PIP):].split()], check=True,
+                       cwd=ROOT, env=env)
     return target
 
 
@@ -71,14 +73,14 @@ def plugin_site(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def examples_site(tmp_path_factory) -> Path:
     """``llmgraft-examples`` (one small method per family besides samplers) installed and on ``sys.path``."""
-    with installed_on_path("pip install ./tests/plugins/llmgraft-examples", tmp_path_factory) as site:
+    with installed_on_path(_PIP + "./tests/plugins/llmgraft-examples", tmp_path_factory) as site:
         yield site
 
 
 @pytest.fixture(scope="session")
 def broken_site(tmp_path_factory) -> Path:
     """The broken fixture plugins, installed with pip into their own directory (not on sys.path)."""
-    return pip_install_target("pip install ./tests/plugins/llmgraft-broken", tmp_path_factory.mktemp("site") / "broken")
+    return pip_install_target(_PIP + "./tests/plugins/llmgraft-broken", tmp_path_factory.mktemp("site") / "broken")
 
 
 @pytest.fixture(scope="session")

@@ -207,8 +207,10 @@ def test_family_base_classes_are_the_contract():
     with pytest.raises(TypeError, match="missing attribute `primary`"):
         FAMILIES["sampler"].check(Incomplete())
     Incomplete.primary = None
-    with pytest.raises(TypeError, match="`apply` must accept|missing method"):
-        FAMILIES["sampler"].check(type("NoApply", (), dict(vars(Incomplete)))())
+    with pytest.raises(TypeError, match="missing method `apply`"):  # the base class's stub is no apply
+        FAMILIES["sampler"].check(Incomplete())
+    with pytest.raises(TypeError, match=r"register an instance of Incomplete \(`register\(Incomplete\(\)\)`\)"):
+        FAMILIES["sampler"].check(Incomplete)
     assert FAMILIES["sampler"].attributes() == ("name", "description", "params_cls", "primary")
 
 
@@ -343,13 +345,14 @@ def test_bare_parameters_are_read_once_a_sampler_is_selected(plugin_site):
     ({"top_h_variant": "official"}, "must be one of reference, hf, paper"),
     ({"llmgraft_sampler": "top_x"}, "no sampler named 'top_x'"),
     ({"llmgraft_sampler": 3}, "must be a sampler name"),
-    ({"llmgraft_samplr": "top_h"}, "unknown llmgraft field"),
-    ({"top_h": 0.3, "top_a": 0.2}, "one llmgraft sampler per request"),
-    ({"llmgraft_sampler": "top_a", "top_h": 0.2}, "also sets fields of top_h"),
+    ({"llmgraft_samplr": "top_h"}, "unknown llmgraft request field 'llmgraft_samplr'"),
+    ({"top_h": 0.3, "top_a": 0.2}, "one llmgraft sampler at a time"),
+    ({"llmgraft_sampler": "top_a", "top_h": 0.2}, "also set fields of top_h"),
     ({"llmgraft_sampler": "none", "top_h": 0.2}, "conflicts"),
-    ({"llmgraft_sampler": "top_h", "alpha": 0.2, "top_h_alpha": 0.3}, "given twice"),
-    ({"top_h": 0.2, "top_h_alpha": 0.3}, "given twice"),
+    ({"llmgraft_sampler": "top_h", "alpha": 0.2, "top_h_alpha": 0.3}, "given twice \\('top_h_alpha' and 'alpha'\\)"),
+    ({"top_h": 0.2, "top_h_alpha": 0.3}, "given twice \\('top_h' and 'top_h_alpha'\\)"),
     ({"top_h": 0.2, "alpha": 0.3}, "given twice"),
+    ({"top_h": 0.2, "top_h_": 1}, "request field 'top_h_' names no parameter of top_h"),
     ({"llmgraft_sampler": "top_h", "alpha": 2.0}, r"alpha must be in \(0, 1\]"),
 ])
 def test_request_field_errors(plugin_site, fields, message):
@@ -365,7 +368,85 @@ def test_server_defaults_and_overrides(plugin_site):
     merged = resolve_sampler({"top_h": 0.7}, default)
     assert merged.params.alpha == 0.7 and merged.params.variant == "paper"
     assert resolve_sampler({"top_a": 0.1}, default).sampler.name == "top_a"
-    for bad in ({"sampler": "top_h", "top_h": 0}, {"sampler": "top_h", "top_h": True}, ["top_h"]):
-        with pytest.raises(ParamError):
+    for bad, message in (({"sampler": "top_h", "top_h": 0}, r"alpha must be in \(0, 1\]"),
+                         ({"sampler": "top_h", "top_h": True}, "must be a number"),
+                         (["top_h"], "must be a mapping"),
+                         # The section is llmgraft's alone: a typo must not silently drop the default.
+                         ({"samplr": "top_h"}, "names no sampler \\(set 'sampler'\\); did you mean 'sampler'"),
+                         ({"sampler": "top_h", "temperature": 1.5}, "server config key 'temperature' is not a"),
+                         ({"sampler": "top_h", "apha": 0.3}, "did you mean 'alpha'")):
+        with pytest.raises(ParamError, match=message):
             parse_server_defaults(bad)
-    assert parse_server_defaults(None) is None
+    assert parse_server_defaults(None) is None and parse_server_defaults({"sampler": "none"}) is None
+
+
+@dataclass(frozen=True)
+class Pair(Params):
+    low: float = param(0.1, range="[0, 1]", help="lower bound")
+    high: float = param(0.5, range="[0, 1]", help="upper bound")
+
+    def validate(self):
+        if not self.low < self.high:
+            raise ParamError(f"pair: low must be below high, got {self.low} and {self.high}")
+
+
+def test_a_request_valid_alone_never_fails_against_the_server_default():
+    """Admission validates the request alone; merging it into the default must not raise in the engine."""
+    registry = Registry(autoload=False)
+
+    def hook(register):
+        register(_sampler(name="pair", params_cls=Pair, primary="high"))
+
+    assert registry.add_plugin(_plugin(llmgraft_register_samplers=hook), "pair")
+    default = parse_server_defaults({"sampler": "pair", "low": 0.4}, registry)
+    request = {"llmgraft_sampler": "pair", "high": 0.3}
+    assert parse_sampler_fields(request, registry).params.high == 0.3  # valid alone: admitted
+    chosen = resolve_sampler(request, default, registry)
+    assert (chosen.params.low, chosen.params.high) == (0.1, 0.3)
+    assert resolve_sampler({"pair": 0.9}, default, registry).params.low == 0.4  # merged when valid
+
+
+def test_a_plugin_that_registers_nothing_is_reported():
+    registry = Registry(autoload=False)
+    module = types.ModuleType("undecorated")
+
+    def llmgraft_register_samplers(register):  # forgot @hookimpl: pluggy does not see it
+        register(_sampler())
+
+    module.llmgraft_register_samplers = llmgraft_register_samplers
+    with pytest.warns(RuntimeWarning, match=r"registered no method: .*@llmgraft.hookimpl"):
+        assert registry.add_plugin(module, "undecorated") is False
+
+
+def test_adding_a_plugin_again_replaces_it():
+    """A notebook cell run twice: the second version wins, with no error recorded."""
+    registry = Registry(autoload=False)
+    for version in ("v1", "v2"):
+        def hook(register, version=version):
+            register(_sampler(description=f"demo {version}"))
+
+        assert registry.add_plugin(_plugin(llmgraft_register_samplers=hook), "notebook") is True
+    assert registry.get("sampler", "demo").description == "demo v2" and registry.load_errors == {}
+    with pytest.raises(ValueError, match="built-in"):
+        registry.add_plugin(_plugin(), "llmgraft.plugins.top_h")
+
+
+def test_params_must_be_decorated_and_errors_name_the_method():
+    class NotDecorated(OneParam):  # forgot @dataclass(frozen=True): its own fields would be lost
+        b: float = param(0.5, help="lost")
+
+    with pytest.raises(TypeError, match="NotDecorated must be decorated with @dataclass"):
+        NotDecorated.check_class()
+
+    @dataclass(frozen=True)
+    class Unowned(Params):
+        a: float = param(0.5, range="[0, 1]", help="a number")
+
+    registry = Registry(autoload=False)
+
+    def hook(register):
+        register(_sampler(name="unowned", params_cls=Unowned))
+
+    assert registry.add_plugin(_plugin(llmgraft_register_samplers=hook), "unowned")
+    with pytest.raises(ParamError, match=r"^unowned: a must be in \[0, 1\]"):
+        Unowned(a=2.0)

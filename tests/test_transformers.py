@@ -63,5 +63,10 @@ def test_bad_arguments_fail_clearly():
         GraftLogitsProcessor("top_h", alpha=2.0)
     with pytest.raises(ParamError, match="alpha must be a number, got True"):
         GraftLogitsProcessor("top_h", alpha=True)
+    with pytest.raises(TypeError, match="positional"):
+        GraftLogitsProcessor("top_h", 0.4)  # would have been read as the temperature
+    assert GraftLogitsProcessor("top_h", top_h=0.3).params.alpha == 0.3
+    with pytest.raises(ParamError, match="both set alpha"):
+        GraftLogitsProcessor("top_h", top_h=0.3, alpha=0.2)
     with pytest.raises(UnknownPluginError, match="available"):
         GraftLogitsProcessor("top_zz")

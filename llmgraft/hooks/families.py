@@ -129,6 +129,8 @@ class Family:
 
     def check(self, obj: Any) -> str:
         """The method's name if ``obj`` provides every part of this family's contract; else TypeError."""
+        if isinstance(obj, type):
+            raise TypeError(f"register an instance of {obj.__name__} (`register({obj.__name__}())`), not the class")
         name = getattr(obj, "name", None)
         if not isinstance(name, str) or not name.isidentifier():
             raise TypeError(f"a {self.name} needs a `name` that is a Python identifier, got {name!r}")
@@ -143,13 +145,15 @@ class Family:
             params_cls.check_class()
         except TypeError as exc:
             raise TypeError(f"{where}: {exc}") from None
+        if params_cls.owner == Params.owner:  # error messages name the method unless the author chose a name
+            params_cls.owner = name
         for attribute in self.attributes():
             if not hasattr(obj, attribute):
                 raise TypeError(f"{where}: missing attribute `{attribute}` (see llmgraft.{self.base.__name__})")
         self.base.check_declaration(obj)
         for operation in self.operations:
             method = getattr(obj, operation, None)
-            if not callable(method):
+            if not callable(method) or getattr(type(obj), operation, None) is getattr(self.base, operation):
                 raise TypeError(f"{where}: missing method `{operation}`")
             expected = list(inspect.signature(getattr(self.base, operation)).parameters)[1:]  # without self
             try:

@@ -103,6 +103,11 @@ class Registry:
             self._fail(origin, f"registration failed: {exc}" if isinstance(exc, PluginLoadError)
                        else f"registration failed: {type(exc).__name__}: {exc}")
             return False
+        if not collected:
+            self.pm.unregister(plugin)
+            self._fail(origin, "registered no method: its hook functions need the @llmgraft.hookimpl decorator "
+                               "and must call register(...)")
+            return False
         ok = True
         for entry in collected:
             taken = self.entries[entry.family].get(entry.name)
@@ -133,6 +138,14 @@ class Registry:
         rejected.
         """
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+        if name == BUILTIN_ORIGIN or any(name == p for p in BUILTIN_PLUGINS):
+            raise ValueError(f"{name!r} is a built-in plugin's name")
+        if self.pm.has_plugin(name):  # a notebook cell run again: the new version replaces the old one
+            self.pm.unregister(name=name)
+            for family in self.entries.values():
+                for method in [m for m, e in family.items() if e.origin == name]:
+                    del family[method]
+            self.load_errors.pop(name, None)
         return self._add(name, plugin, name)
 
     # -- queries ------------------------------------------------------------------------------------------

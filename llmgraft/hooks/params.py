@@ -120,7 +120,7 @@ class Params:
     """Base of every method's parameters. Subclasses are ``@dataclass(frozen=True)``; fields use
     :func:`param`; :meth:`validate` may add cross-field rules."""
 
-    #: Name used in error messages (the method name); set by subclasses.
+    #: Name used in error messages; registration sets it to the method's name unless a subclass set it.
     owner: ClassVar[str] = "llmgraft"
 
     def __post_init__(self) -> None:
@@ -187,8 +187,9 @@ class Params:
         ``per_row`` fields are numbers, ranges belong to numbers and choices to strings, and the
         defaults themselves must validate.
         """
-        if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):
-            raise TypeError(f"{cls.__name__} must be a @dataclass(frozen=True)")
+        declared = cls.__dict__.get("__dataclass_params__")  # a subclass of a dataclass is not one itself
+        if declared is None or not declared.frozen:
+            raise TypeError(f"{cls.__name__} must be decorated with @dataclass(frozen=True)")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             where = f"{cls.__name__}.{f.name}"

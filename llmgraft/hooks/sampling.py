@@ -48,17 +48,29 @@ class SamplerChoice:
         return (self.sampler.name, *self.params.group_key())
 
 
-def _put(values: dict[str, Any], sampler: str, param: str, value: Any) -> None:
-    if param in values:
-        raise ParamError(f"{sampler}: parameter {param!r} given twice")
-    values[param] = value
+class _Fields:
+    """Parameters collected for one sampler, remembering which field set each (for "given twice")."""
+
+    def __init__(self, sampler: str) -> None:
+        self.sampler, self.values, self.keys = sampler, {}, {}
+
+    def put(self, param: str, value: Any, key: str) -> None:
+        if param in self.values:
+            raise ParamError(f"{self.sampler}: parameter {param!r} given twice ({self.keys[param]!r} and {key!r})")
+        self.values[param], self.keys[param] = value, key
 
 
-def _parse(fields: Mapping[str, Any], registry: Registry) -> tuple[str | None, dict[str, Any]]:
-    """(sampler name, :data:`OPT_OUT` or None; that sampler's parameter values) from flat fields."""
+def _parse(fields: Mapping[str, Any], registry: Registry, where: str = "request field"
+           ) -> tuple[str | None, dict[str, Any]]:
+    """(sampler name, :data:`OPT_OUT` or None; that sampler's parameter values) from flat fields.
+
+    ``where`` names the fields in errors. For the server config (``where`` != "request field") every
+    key must be llmgraft's: nothing passes through, and a sampler must be chosen.
+    """
+    strict = where != "request field"
     names = sorted(registry.names("sampler"), key=len, reverse=True)  # longest prefix wins
     explicit = None
-    found: dict[str, dict[str, Any]] = {}  # sampler → parameters set by its shorthand or prefixed keys
+    found: dict[str, _Fields] = {}  # sampler → parameters set by its shorthand or prefixed keys
     bare: dict[str, Any] = {}
     for key, value in fields.items():
         if key == SAMPLER_KEY:
@@ -66,14 +78,16 @@ def _parse(fields: Mapping[str, Any], registry: Registry) -> tuple[str | None, d
                 raise ParamError(f"{SAMPLER_KEY} must be a sampler name, got {value!r}")
             explicit = value
         elif key.startswith("llmgraft_"):
-            raise ParamError(f"unknown llmgraft field {key!r}; did you mean {SAMPLER_KEY!r}?")
+            raise ParamError(f"unknown llmgraft {where} {key!r}; did you mean {SAMPLER_KEY!r}?")
         elif key in names:
             primary = registry.get("sampler", key).primary
             if primary is None:
                 raise ParamError(f"sampler {key!r} has no shorthand; use {SAMPLER_KEY!r} and {key}_<param> fields")
-            _put(found.setdefault(key, {}), key, primary, value)
+            found.setdefault(key, _Fields(key)).put(primary, value, key)
         elif prefix := next((n for n in names if key.startswith(n + "_")), None):
-            _put(found.setdefault(prefix, {}), prefix, key[len(prefix) + 1:], value)
+            if key == prefix + "_":
+                raise ParamError(f"{where} {key!r} names no parameter of {prefix}")
+            found.setdefault(prefix, _Fields(prefix)).put(key[len(prefix) + 1:], value, key)
         else:
             bare[key] = value
     if explicit == OPT_OUT:
@@ -84,21 +98,27 @@ def _parse(fields: Mapping[str, Any], registry: Registry) -> tuple[str | None, d
         registry.get("sampler", explicit)  # an unknown name is an UnknownPluginError (a ValueError)
         others = sorted(set(found) - {explicit})
         if others:
-            raise ParamError(f"request selects sampler {explicit!r} but also sets fields of {', '.join(others)}")
+            raise ParamError(f"{where}s select sampler {explicit!r} but also set fields of {', '.join(others)}")
     elif len(found) > 1:
-        raise ParamError(f"one llmgraft sampler per request; fields name {', '.join(sorted(found))}")
+        raise ParamError(f"one llmgraft sampler at a time; {where}s name {', '.join(sorted(found))}")
     selected = explicit or next(iter(found), None)
     if selected is None:
+        if strict:
+            near = closest(next(iter(bare), ""), ["sampler", *names]) if bare else None
+            hint = f"; did you mean {near!r}?" if near else ""
+            raise ParamError(f"the llmgraft server config names no sampler (set 'sampler'){hint} "
+                             f"(keys: {', '.join(map(repr, fields))})")
         return None, {}
-    values = found.get(selected, {})
+    collected = found.get(selected) or _Fields(selected)
     parameters = registry.get("sampler", selected).params_cls.field_names()
     for key, value in bare.items():
         if key in parameters:
-            _put(values, selected, key, value)
-        elif near := closest(key, parameters) or closest(key, names):
-            raise ParamError(f"request field {key!r} is not a parameter of {selected}; did you mean {near!r}? "
+            collected.put(key, value, key)
+        elif (near := closest(key, parameters) or closest(key, names)) or strict:
+            hint = f"did you mean {near!r}? " if near else ""
+            raise ParamError(f"{where} {key!r} is not a parameter of {selected}; {hint}"
                              f"(parameters: {', '.join(parameters)})")
-    return selected, values
+    return selected, collected.values
 
 
 def parse_sampler_fields(fields: Mapping[str, Any] | None, registry: Registry | None = None
@@ -109,21 +129,30 @@ def parse_sampler_fields(fields: Mapping[str, Any] | None, registry: Registry | 
 
 def parse_server_defaults(config: Mapping[str, Any] | None, registry: Registry | None = None
                           ) -> SamplerChoice | None:
-    """Server-wide default from ``{"sampler": name, ...fields}`` (vLLM ``--additional-config`` "llmgraft")."""
+    """Server-wide default from ``{"sampler": name, ...fields}`` (vLLM ``--additional-config`` "llmgraft").
+
+    The section is llmgraft's alone, so every key in it must be known: a typo is an error, never a
+    silently missing default.
+    """
     if not config:
         return None
     if not isinstance(config, Mapping):
         raise ParamError(f"llmgraft server config must be a mapping, got {config!r}")
     fields = {SAMPLER_KEY if k == "sampler" else k: v for k, v in config.items()}
-    choice = parse_sampler_fields(fields, registry)
-    return None if choice == OPT_OUT else choice
+    name, values = _parse(fields, registry or get_registry(), where="server config key")
+    if name == OPT_OUT:
+        return None
+    sampler = (registry or get_registry()).get("sampler", name)
+    return SamplerChoice(sampler, sampler.params_cls.from_mapping(values))
 
 
 def resolve_sampler(fields: Mapping[str, Any] | None, default: SamplerChoice | None,
                     registry: Registry | None = None, opt_out: Any = None) -> SamplerChoice | Any:
     """The request's sampler: its own choice, else the server default; ``opt_out`` if it opted out.
 
-    When the request picks the default's sampler, its fields override the default's parameters.
+    When the request picks the default's sampler, its fields override the default's parameters. (A
+    request that selects no sampler keeps the default as it is: its bare keys are not read, because
+    admission, in vLLM's API process, validates requests without knowing the server's default.)
     """
     if not fields:
         return default
@@ -135,5 +164,8 @@ def resolve_sampler(fields: Mapping[str, Any] | None, default: SamplerChoice | N
         return default
     sampler = registry.get("sampler", name)
     if default is not None and default.sampler.name == name:
-        values = {**default.params.to_dict(), **values}
+        try:
+            return SamplerChoice(sampler, sampler.params_cls.from_mapping({**default.params.to_dict(), **values}))
+        except ParamError:  # a cross-field rule between default and request: the request was validated alone
+            pass
     return SamplerChoice(sampler, sampler.params_cls.from_mapping(values))

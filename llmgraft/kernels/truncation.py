@@ -84,19 +84,37 @@ class TopN:
         return values.to(device=self.logits.device, dtype=torch.float64).unsqueeze(1)
 
 
-def _apply_bad_logit_policy(logits: torch.Tensor, top_logits: torch.Tensor, top_idx: torch.Tensor):
-    """Sanitise the rows whose maximum is not finite (NaN or +inf present, or no finite logit), in place.
+def _clean(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A copy of some rows under the bad-logit policy, which rows held +inf, and where (for those rows)."""
+    clean = rows.nan_to_num(nan=NEG_INF, posinf=float("inf"), neginf=NEG_INF)
+    where = torch.isposinf(clean)
+    has = where.any(dim=-1)
+    clean[has] = torch.where(where[has], 0.0, NEG_INF).to(clean.dtype)
+    return clean, has, where[has]
 
-    Returns the +inf bookkeeping for :attr:`TopN.posinf`.
+
+def sanitize_logits_(logits: torch.Tensor) -> torch.Tensor:
+    """Apply the bad-logit policy to ``logits[B, V]`` in place, for samplers that do not use
+    :func:`truncate_top_n`: NaN becomes -inf, a row with +inf logits keeps exactly those tokens as logit 0,
+    and a row with no finite logit stays all -inf. Clean rows cost one pass (their maximum)."""
+    bad = ~torch.isfinite(logits.amax(dim=-1))  # NaN and +inf propagate through the maximum
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        logits[rows] = _clean(logits[rows])[0]
+    return logits
+
+
+def _apply_bad_logit_policy(logits: torch.Tensor, top_logits: torch.Tensor, top_idx: torch.Tensor):
+    """Sanitise the rows whose maximum is not finite, in place, and redo their top N.
+
+    Returns the +inf bookkeeping for :attr:`TopN.posinf`: a rule may keep only some of several tied
+    +inf tokens, and the policy keeps them all.
     """
     special = (~torch.isfinite(top_logits[:, 0])).nonzero().squeeze(1)
-    clean = logits[special].nan_to_num_(nan=NEG_INF, posinf=float("inf"), neginf=NEG_INF)
-    has_posinf = torch.isposinf(clean).any(dim=-1)
-    posinf = (special[has_posinf], torch.isposinf(clean[has_posinf]))
-    clean[has_posinf] = 0.0  # uniform stand-in so statistics stay finite; rewritten by truncate_top_n
-    top_logits[special], top_idx[special] = torch.topk(clean, top_logits.shape[1], dim=-1)
+    clean, has, where = _clean(logits[special])
     logits[special] = clean
-    return posinf
+    top_logits[special], top_idx[special] = torch.topk(clean, top_logits.shape[1], dim=-1)
+    return special[has], where
 
 
 def _tail_sums(logits: torch.Tensor, top: TopN, entropy: bool, shift: bool) -> tuple[torch.Tensor, ...]:

@@ -32,7 +32,8 @@ class ContractError(AssertionError):
 
 def _require(condition: bool, method: Any, promise: str) -> None:
     if not condition:
-        raise ContractError(f"{type(method).__name__} ({getattr(method, 'name', '?')}): {promise}")
+        family = next((f.name for f in FAMILIES.values() if isinstance(method, f.base)), "method")
+        raise ContractError(f"{family} {getattr(method, 'name', '?')!r} ({type(method).__name__}): {promise}")
 
 
 def default_params(method: Any) -> Params:
@@ -101,13 +102,17 @@ def check_sampler(sampler: Any) -> None:
     bad = _bad_rows(vocab, gen)
     clean = x[:2]
     out = sampler.apply(torch.cat([bad, clean]).clone(), params.stack([params] * (len(bad) + 2)))
-    _require(not torch.isnan(out).any() and not torch.isposinf(out).any(), sampler,
-             "bad rows (NaN, +inf, all -inf) give no NaN or +inf")
+    broken = [i for i, row in enumerate(out) if torch.isnan(row).any() or torch.isposinf(row).any()]
+    _require(not broken, sampler, f"bad rows (NaN, +inf, all -inf) give no NaN or +inf (rows {broken} do: "
+                                  "0 scattered NaN, 1 +inf, 2 all -inf, 3 all NaN, 4 one finite logit)")
     _require(bool(torch.isneginf(out[0][torch.isnan(bad[0])]).all()), sampler, "NaN logits count as -inf")
     _require(bool(torch.isfinite(out[0, 0])), sampler, "a row with NaN elsewhere keeps its argmax")
     _require(not torch.isfinite(out[2:4]).any(), sampler, "rows with no finite logit stay without one")
     _require(torch.isfinite(out[4]).nonzero().flatten().tolist() == [3], sampler,
              "a row with one finite logit keeps exactly it")
+    _require(torch.isfinite(out[1]).nonzero().flatten().tolist() == [2, 5] and bool((out[1, [2, 5]] == 0).all()),
+             sampler, f"a row with +inf logits keeps exactly those tokens, as logit 0 (kept "
+                      f"{torch.isfinite(out[1]).nonzero().flatten().tolist()[:8]})")
     alone = sampler.apply(clean.clone(), params.stack([params] * 2))
     _require(torch.equal(torch.isfinite(out[5:]), torch.isfinite(alone)), sampler,
              "bad rows do not change the other rows of their batch")
@@ -115,7 +120,8 @@ def check_sampler(sampler: Any) -> None:
     one = sampler.apply(torch.zeros(1, 1), params.stack([params]))
     _require(one.shape == (1, 1) and bool(torch.isfinite(one).all()), sampler, "a one-token vocabulary keeps it")
     low = sampler.apply(x.to(torch.bfloat16), params.stack(rows))
-    _require(low.dtype == torch.bfloat16 and not torch.isnan(low).any(), sampler, "handles bfloat16 logits")
+    _require(low.dtype == torch.bfloat16 and not torch.isnan(low).any(), sampler,
+             f"bfloat16 logits come back as bfloat16 without NaN (got {low.dtype})")
 
 
 # ---- the five families whose real methods come later (first-sketch operations) ------------------------------

@@ -18,12 +18,20 @@ from ...hooks import ParamError, get_registry
 
 
 class GraftLogitsProcessor(LogitsProcessor):
-    """Wraps the llmgraft sampler ``sampler`` (a registered name) with fixed parameters for all rows."""
+    """Wraps the llmgraft sampler ``sampler`` (a registered name) with fixed parameters for all rows.
 
-    def __init__(self, sampler: str = "top_h", temperature: float = 1.0, **params) -> None:
+    Parameters are keywords, by name (``alpha=0.4``) or by the sampler's shorthand (``top_h=0.4``).
+    """
+
+    def __init__(self, sampler: str = "top_h", *, temperature: float = 1.0, **params) -> None:
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ParamError(f"temperature must be a positive number, got {temperature!r}")
         self.sampler = get_registry().get("sampler", sampler)
+        primary = self.sampler.primary
+        if sampler in params and primary is not None:  # the request-field shorthand: top_h=0.4 sets alpha
+            if primary in params:
+                raise ParamError(f"{sampler}: {sampler}= and {primary}= both set {primary}")
+            params[primary] = params.pop(sampler)
         self.params = self.sampler.params_cls.from_mapping(params)
         self.temperature = float(temperature)
         self._stacked: dict[tuple[int, torch.device], object] = {}

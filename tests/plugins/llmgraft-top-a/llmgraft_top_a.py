@@ -1,7 +1,7 @@
 """Top-A sampling as a third-party llmgraft plugin: keep tokens with p >= a * p_max**2."""
 from dataclasses import dataclass
 
-from llmgraft import Params, Sampler, hookimpl, per_row
+from llmgraft import Params, Sampler, hookimpl, per_row, sanitize_logits_
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class TopA(Sampler):
     description = "Top-A: keep tokens with p >= a * p_max^2"
 
     def apply(self, logits, params):  # logits [B, V], already temperature-scaled; params.a is [B]
-        logits = logits.nan_to_num_(nan=float("-inf"), neginf=float("-inf"))  # NaN is -inf; +inf becomes finite
+        logits = sanitize_logits_(logits)  # NaN -> -inf; a row with +inf keeps those, as 0
         probs = logits.softmax(dim=-1)
         threshold = params.a.unsqueeze(1) * probs.amax(dim=-1, keepdim=True) ** 2
         return logits.masked_fill_(probs < threshold, float("-inf"))
