@@ -66,7 +66,14 @@ def test_bad_arguments_fail_clearly():
     with pytest.raises(TypeError, match="positional"):
         GraftLogitsProcessor("top_h", 0.4)  # would have been read as the temperature
     assert GraftLogitsProcessor("top_h", top_h=0.3).params.alpha == 0.3
-    with pytest.raises(ParamError, match="both set alpha"):
+    with pytest.raises(ParamError, match=r"parameter 'alpha' given twice \('top_h' and 'alpha'\)"):
         GraftLogitsProcessor("top_h", top_h=0.3, alpha=0.2)
+    assert GraftLogitsProcessor("top_h", top_h_variant="paper").params.variant == "paper"  # request spellings
+    with pytest.raises(ParamError, match="keyword argument 'alpah' is not a parameter of top_h; did you mean"):
+        GraftLogitsProcessor("top_h", alpah=0.3)
+    with pytest.raises(ParamError, match="keyword argument 'temp' is not a parameter"):
+        GraftLogitsProcessor("top_h", temp=0.3)  # llmgraft's own keywords: nothing passes through
+    with pytest.raises(ParamError, match="name of a registered sampler"):
+        GraftLogitsProcessor("none")
     with pytest.raises(UnknownPluginError, match="available"):
         GraftLogitsProcessor("top_zz")

@@ -145,8 +145,6 @@ class Family:
             params_cls.check_class()
         except TypeError as exc:
             raise TypeError(f"{where}: {exc}") from None
-        if params_cls.owner == Params.owner:  # error messages name the method unless the author chose a name
-            params_cls.owner = name
         for attribute in self.attributes():
             if not hasattr(obj, attribute):
                 raise TypeError(f"{where}: missing attribute `{attribute}` (see llmgraft.{self.base.__name__})")

@@ -28,6 +28,7 @@ import pluggy
 from . import specs
 from .errors import PluginLoadError, UnknownPluginError
 from .families import FAMILIES, Family
+from .params import Params
 
 ENTRY_POINT_GROUP = "llmgraft"
 BUILTIN_PLUGINS = ("llmgraft.plugins.top_h",)
@@ -125,6 +126,8 @@ class Registry:
             name = family.check(obj)
         except TypeError as exc:
             raise PluginLoadError(str(exc)) from None
+        if obj.params_cls.owner == Params.owner:  # error messages name the method unless its author chose
+            obj.params_cls.owner = name
         return Entry(family.name, name, obj, origin)
 
     def _fail(self, origin: str, message: str) -> None:
@@ -138,7 +141,7 @@ class Registry:
         rejected.
         """
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
-        if name == BUILTIN_ORIGIN or any(name == p for p in BUILTIN_PLUGINS):
+        if name == BUILTIN_ORIGIN or name in BUILTIN_PLUGINS:
             raise ValueError(f"{name!r} is a built-in plugin's name")
         if self.pm.has_plugin(name):  # a notebook cell run again: the new version replaces the old one
             self.pm.unregister(name=name)

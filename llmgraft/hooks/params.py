@@ -16,6 +16,7 @@ to [B] tensors; the others are "static" and rows are grouped by them (see :meth:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -92,6 +93,13 @@ def _spec(f: dataclasses.Field) -> FieldSpec | None:
     return f.metadata.get(_META)
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of a Params class, once per class (resolving them costs more than the
+    rest of a construction, and parameters are built for every request)."""
+    return typing.get_type_hints(cls)
+
+
 def _type_name(kind: Any) -> str:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
@@ -124,7 +132,7 @@ class Params:
     owner: ClassVar[str] = "llmgraft"
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):
             spec = _spec(f)
             where = f"{self.owner}: {f.name}"
@@ -169,7 +177,7 @@ class Params:
     @classmethod
     def describe(cls) -> list[dict[str, Any]]:
         """Per field: name, type, default, range (or choices) and help, for ``llmgraft plugins`` and docs."""
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         rows = []
         for f in dataclasses.fields(cls):
             spec = _spec(f) or FieldSpec("")
@@ -190,7 +198,7 @@ class Params:
         declared = cls.__dict__.get("__dataclass_params__")  # a subclass of a dataclass is not one itself
         if declared is None or not declared.frozen:
             raise TypeError(f"{cls.__name__} must be decorated with @dataclass(frozen=True)")
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         for f in dataclasses.fields(cls):
             where = f"{cls.__name__}.{f.name}"
             spec, kind = _spec(f), hints[f.name]
@@ -232,7 +240,7 @@ class Params:
         if any(r.group_key() != key for r in rows[1:]):
             raise ValueError("rows with different static parameters cannot share a batch")
         out = dict(key)
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         for name in cls.per_row_fields():
             dtype = torch.float32 if hints[name] is float else torch.int64
             out[name] = torch.tensor([getattr(r, name) for r in rows], dtype=dtype, device=device)

@@ -60,14 +60,13 @@ class _Fields:
         self.values[param], self.keys[param] = value, key
 
 
-def _parse(fields: Mapping[str, Any], registry: Registry, where: str = "request field"
+def _parse(fields: Mapping[str, Any], registry: Registry, where: str = "request field", strict: bool = False
            ) -> tuple[str | None, dict[str, Any]]:
     """(sampler name, :data:`OPT_OUT` or None; that sampler's parameter values) from flat fields.
 
-    ``where`` names the fields in errors. For the server config (``where`` != "request field") every
-    key must be llmgraft's: nothing passes through, and a sampler must be chosen.
+    ``where`` names the fields in errors. With ``strict`` (fields that are llmgraft's alone) every key
+    must be known: nothing passes through, and a sampler must be chosen.
     """
-    strict = where != "request field"
     names = sorted(registry.names("sampler"), key=len, reverse=True)  # longest prefix wins
     explicit = None
     found: dict[str, _Fields] = {}  # sampler → parameters set by its shorthand or prefixed keys
@@ -139,10 +138,19 @@ def parse_server_defaults(config: Mapping[str, Any] | None, registry: Registry |
     if not isinstance(config, Mapping):
         raise ParamError(f"llmgraft server config must be a mapping, got {config!r}")
     fields = {SAMPLER_KEY if k == "sampler" else k: v for k, v in config.items()}
-    name, values = _parse(fields, registry or get_registry(), where="server config key")
+    choice = parse_own_fields(fields, "server config key", registry)
+    return None if choice == OPT_OUT else choice
+
+
+def parse_own_fields(fields: Mapping[str, Any], where: str, registry: Registry | None = None
+                     ) -> SamplerChoice | str:
+    """A sampler choice from fields that are llmgraft's alone (a server config, a processor's keywords),
+    in the request-field spellings, with every key known; ``where`` names the fields in errors."""
+    registry = registry or get_registry()
+    name, values = _parse(fields, registry, where=where, strict=True)
     if name == OPT_OUT:
-        return None
-    sampler = (registry or get_registry()).get("sampler", name)
+        return OPT_OUT
+    sampler = registry.get("sampler", name)
     return SamplerChoice(sampler, sampler.params_cls.from_mapping(values))
 
 

@@ -14,25 +14,24 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
-from ...hooks import ParamError, get_registry
+from ...hooks import ParamError
+from ...hooks.sampling import OPT_OUT, SAMPLER_KEY, parse_own_fields
 
 
 class GraftLogitsProcessor(LogitsProcessor):
     """Wraps the llmgraft sampler ``sampler`` (a registered name) with fixed parameters for all rows.
 
-    Parameters are keywords, by name (``alpha=0.4``) or by the sampler's shorthand (``top_h=0.4``).
+    Parameters are keywords, spelt as request fields are: by name (``alpha=0.4``), by the sampler's
+    shorthand (``top_h=0.4``) or prefixed (``top_h_variant="hf"``); an unknown keyword is an error.
     """
 
     def __init__(self, sampler: str = "top_h", *, temperature: float = 1.0, **params) -> None:
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ParamError(f"temperature must be a positive number, got {temperature!r}")
-        self.sampler = get_registry().get("sampler", sampler)
-        primary = self.sampler.primary
-        if sampler in params and primary is not None:  # the request-field shorthand: top_h=0.4 sets alpha
-            if primary in params:
-                raise ParamError(f"{sampler}: {sampler}= and {primary}= both set {primary}")
-            params[primary] = params.pop(sampler)
-        self.params = self.sampler.params_cls.from_mapping(params)
+        if not isinstance(sampler, str) or sampler == OPT_OUT:
+            raise ParamError(f"sampler must be the name of a registered sampler, got {sampler!r}")
+        choice = parse_own_fields({SAMPLER_KEY: sampler, **params}, "keyword argument")
+        self.sampler, self.params = choice.sampler, choice.params
         self.temperature = float(temperature)
         self._stacked: dict[tuple[int, torch.device], object] = {}
 
