@@ -1,5 +1,10 @@
-"""Shared machinery of truncation samplers: the bad-logit policy, exact top-N statistics, and applying a
-"keep a prefix of the top N" rule.
+"""Shared machinery of truncation samplers: the bad-logit policy, exact top-N statistics, and the two forms
+of rule every truncation sampler is built on:
+
+* **prefix** (:func:`truncate_top_n`): keep a prefix of the N most likely tokens, in probability order
+  (Top-H) or in an order of the rule's own (Top-W: by its potential φ);
+* **threshold** (:func:`truncate_threshold`): keep every token whose logit reaches a per-row threshold
+  computed from whole-row statistics (top-nσ: max - n·σ; p-less: log Σp²); it may keep any number of tokens.
 
 Policy, identical for every truncation sampler:
 
@@ -266,12 +271,14 @@ def _ranks(n: int, device: torch.device | None) -> Any:
     return ranks
 
 
-def truncate_top_n(logits: torch.Tensor, top_n: int, keep_count: Callable[[TopN], Any],
+def truncate_top_n(logits: torch.Tensor, top_n: int, keep: Callable[[TopN], Any],
                    statistics: str = "none", torch_ties: bool = False) -> torch.Tensor:
-    """Keep, in each row, the ``keep_count(top)`` most likely of its ``top_n`` largest logits, in place.
+    """Keep, in each row, a prefix of its ``top_n`` largest logits, in place.
 
-    ``keep_count`` receives the :class:`TopN` of :func:`top_n_statistics` and returns integer counts [B]
-    (an array of ``top.xp``); every row keeps at least its first token. Kept logits keep their values;
+    ``keep`` receives the :class:`TopN` of :func:`top_n_statistics` and returns either integer counts [B]
+    (keep that many of the most likely) or ``(order, counts)``: ``order`` [B, N] lists positions into the
+    top N (0 = the most likely) in the rule's own order, and each row keeps its first ``counts`` entries.
+    Arrays are of ``top.xp``. Every row keeps at least its most likely token. Kept logits keep their values;
     the rest become -inf.
     """
     if logits.dim() != 2:
@@ -281,13 +288,63 @@ def truncate_top_n(logits: torch.Tensor, top_n: int, keep_count: Callable[[TopN]
     with torch.no_grad():
         top = top_n_statistics(logits, top_n, statistics, torch_ties)
         n = top.logits.shape[1]
-        count = keep_count(top)
-        if isinstance(count, np.ndarray):
-            drop = torch.from_numpy(_ranks(n, None) >= count[:, None])
+        kept = keep(top)
+        if isinstance(kept, tuple):
+            drop = _ordered_drop(*kept, n).to(logits.device)
+        elif isinstance(kept, np.ndarray):
+            drop = torch.from_numpy(_ranks(n, None) >= kept[:, None])
         else:
-            drop = _ranks(n, logits.device) >= count.unsqueeze(1)
+            drop = _ranks(n, logits.device) >= kept.unsqueeze(1)
         logits.fill_(NEG_INF).scatter_(1, top.index, top.logits.masked_fill_(drop, NEG_INF))
-        if top.posinf is not None and top.posinf[0].numel():
-            rows, where = top.posinf
-            logits[rows] = torch.where(where, 0.0, NEG_INF).to(logits.dtype)
+        _restore_posinf(logits, top.posinf)
+    return logits
+
+
+def _ordered_drop(order: Any, counts: Any, n: int) -> torch.Tensor:
+    """[B, N] bool over the top-N positions: True where ``order``'s prefix of length ``counts`` leaves it out."""
+    order = torch.as_tensor(order)
+    counts = torch.as_tensor(counts, device=order.device)
+    in_prefix = _ranks(n, order.device) < counts.unsqueeze(1)
+    in_prefix[:, 0] = True  # the rule's first choice always stays
+    drop = torch.ones(order.shape, dtype=torch.bool, device=order.device)
+    drop.scatter_(1, order, ~in_prefix)
+    drop[:, 0] = False  # and so does the most likely token
+    return drop
+
+
+def _restore_posinf(logits: torch.Tensor, posinf: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    if posinf is not None and posinf[0].numel():
+        rows, where = posinf
+        logits[rows] = torch.where(where, 0.0, NEG_INF).to(logits.dtype)
+
+
+def truncate_threshold(logits: torch.Tensor,
+                       threshold: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Keep, in each row, every logit at or above the row's threshold, in place.
+
+    ``threshold(rows, row_max)`` receives the rows (bad-logit policy applied: NaN is -inf, no +inf; rows
+    may hold -inf) and their maxima [B], and returns [B] thresholds in logit units; it must not modify
+    ``rows``. A threshold above the maximum, or NaN, keeps just the maximum, so every row keeps its argmax.
+    Rows with +inf logits keep exactly those (as 0) and rows with no finite logit stay all -inf, whatever
+    the rule says. Costs one pass for the maxima, the rule's passes, and one masking pass.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    if logits.shape[0] == 0 or logits.shape[1] == 0:
+        return logits
+    with torch.no_grad():
+        row_max = logits.amax(dim=-1)
+        ruled = torch.isfinite(row_max)  # NaN and +inf propagate through the maximum
+        if not bool(ruled.all()):
+            rows = (~ruled).nonzero().squeeze(1)
+            clean, has_posinf, _ = _clean(logits[rows])
+            logits[rows] = clean
+            row_max[rows] = clean.amax(dim=-1)
+            # Rows that held +inf keep exactly those tokens; rows with no finite logit stay all -inf.
+            ruled = torch.isfinite(row_max)
+            ruled[rows[has_posinf]] = False
+        bound = threshold(logits, row_max)
+        # Policy rows bypass the rule; NaN and too-high thresholds keep just the maximum.
+        bound = torch.where(ruled & (bound <= row_max), bound.to(row_max.dtype), row_max)
+        logits.masked_fill_(logits < bound.unsqueeze(1), NEG_INF)
     return logits

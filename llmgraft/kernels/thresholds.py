@@ -1,0 +1,92 @@
+"""Whole-row threshold samplers, batched with per-row parameters. Torch reference kernels.
+
+Both keep every token whose (temperature-scaled) logit reaches a per-row threshold, so they may keep any
+number of tokens; both are one pass over the row for their statistics plus :func:`truncate_threshold`'s
+maximum and masking passes.
+
+* **top-nσ** (Tang et al., ACL 2025; official ``Tomorrowdawn/top_nsigma``): keep x_i ≥ max(x) − n·σ(x).
+  σ is ``torch.std`` of the row, the unbiased estimate (``ddof=1``) as in the official code; ``ddof=0``
+  gives llama.cpp's population σ. -inf entries are left out of σ (as llama.cpp does; the official code
+  turns one -inf into a NaN σ and drops the whole row). The kept set does not depend on the temperature.
+* **p-less** (Tan et al., ICLR 2026; official ``ryttry/p-less-sampling``): with p = softmax(x), keep
+  p_i ≥ L = Σ p² (order 2); the order-k form keeps p_i ≥ (Σ p^k)^(1/(k−1)); ``p_less_norm`` keeps
+  p_i ≥ (V·L − 1)/(V − 1) with V the row width (masked tokens included, as in the official code).
+  In logit units, with t = x − max and S_k = Σ exp(k·t): t_i ≥ (log S_k − log S_1)/(k − 1).
+
+The thresholds never exceed the row maximum in exact arithmetic; :func:`truncate_threshold` also clamps
+them there, so float rounding can never drop the argmax.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .truncation import _buffer, truncate_threshold
+
+P_LESS_VARIANTS = ("p_less", "p_less_norm")
+
+
+def _as_column(values, like: torch.Tensor) -> torch.Tensor | float:
+    if isinstance(values, (int, float)):
+        return float(values)
+    return values.to(device=like.device, dtype=like.dtype)
+
+
+def _finite_std(x: torch.Tensor, ddof: int) -> torch.Tensor:
+    """σ of each row over its finite entries (rows here have a finite maximum; NaN was made -inf)."""
+    std = torch.std(x, dim=-1, correction=ddof)
+    masked = torch.isnan(std)  # a -inf entry makes the plain σ NaN: recompute those rows over finite entries
+    if bool(masked.any()):
+        rows = x[masked]
+        finite = torch.isfinite(rows)
+        count = finite.sum(-1)
+        zero = torch.zeros((), dtype=rows.dtype)
+        mean = torch.where(finite, rows, zero).sum(-1) / count
+        square = torch.where(finite, (rows - mean.unsqueeze(1)) ** 2, zero).sum(-1)
+        std[masked] = torch.where(count > ddof, square / (count - ddof).clamp(min=1), zero).sqrt()
+    return std
+
+
+def top_nsigma(logits: torch.Tensor, n: torch.Tensor | float = 1.0, ddof: int = 1) -> torch.Tensor:
+    """Mask ``logits[B, V]`` to each row's top-nσ set, in place: keep x ≥ max − n·σ. Returns ``logits``."""
+    if ddof not in (0, 1):
+        raise ValueError(f"top_nsigma ddof must be 0 or 1, got {ddof!r}")
+
+    def threshold(x: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+        return row_max - _as_column(n, row_max) * _finite_std(x, ddof)
+
+    return truncate_threshold(logits, threshold)
+
+
+def _exp_sums(x: torch.Tensor, row_max: torch.Tensor, order: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_1 = Σ exp(t) and S_k = Σ exp(k·t), t = x − max, per row (float32 workspace, ``x`` untouched)."""
+    e = torch.sub(x, row_max.unsqueeze(1), out=_buffer(tuple(x.shape), x.device)).exp_()
+    s1 = e.sum(-1)
+    sk = e.square_().sum(-1) if order == 2.0 else e.pow_(order).sum(-1)
+    return s1, sk
+
+
+def p_less(logits: torch.Tensor, variant: str = "p_less", order: float = 2.0) -> torch.Tensor:
+    """Mask ``logits[B, V]`` (temperature-scaled) to each row's p-less set, in place. Returns ``logits``."""
+    if variant not in P_LESS_VARIANTS:
+        raise ValueError(f"p_less variant must be one of {P_LESS_VARIANTS}, got {variant!r}")
+    if not order > 1:
+        raise ValueError(f"p_less order must be > 1, got {order!r}")
+    if variant == "p_less_norm" and order != 2.0:
+        raise ValueError("p_less_norm is defined for order 2 only")
+    if logits.dtype != torch.float32:  # the workspace is float32; other dtypes go through a float32 copy
+        return logits.copy_(p_less(logits.float(), variant, order))
+
+    def threshold(x: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+        s1, sk = _exp_sums(x, row_max, order)
+        log_s1 = s1.log()
+        if variant == "p_less":
+            return row_max + (sk.log() - log_s1) / (order - 1.0)
+        vocab = x.shape[1]
+        if vocab == 1:
+            return row_max
+        # p ≥ (V·S_2/S_1² − 1)/(V − 1); a non-positive bound (a uniform row) keeps every finite token.
+        bound = (vocab * sk / s1.square() - 1.0) / (vocab - 1)
+        return torch.where(bound > 0, row_max + bound.log() + log_s1, torch.full_like(row_max, -torch.inf))
+
+    return truncate_threshold(logits, threshold)
