@@ -34,7 +34,7 @@ def _like(registry: Registry, family: str, name: str, **methods) -> object:
     original = registry.get(family, name)
     attributes = {k: getattr(original, k) for k in ("name", "description", "params_cls")}
     if family == "sampler":
-        attributes["primary"] = original.primary
+        attributes["primary"], attributes["needs"] = original.primary, original.needs
     for op in ("apply", "merge", "select", "keep", "run", "init_state", "delta_weight"):
         if hasattr(original, op):
             attributes[op] = (lambda f: lambda self, *a: f(*a))(methods.get(op, getattr(original, op)))

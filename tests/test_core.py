@@ -32,12 +32,15 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
                           env={**os.environ, **env})
 
 
-def test_six_families_and_builtin_top_h():
+BUILTIN_SAMPLERS = ["p_less", "top_h", "top_nsigma", "top_w"]
+
+
+def test_six_families_and_builtin_samplers():
     assert set(FAMILIES) == {"sampler", "merger", "attention", "kv_manager", "optimizer", "adapter"}
     registry = Registry(autoload=False)
-    assert registry.names("sampler") == ["top_h"]
-    assert registry.entries["sampler"]["top_h"].origin == "llmgraft"
-    with pytest.raises(UnknownPluginError, match="available: top_h"):
+    assert registry.names("sampler") == ["p_less", "top_h", "top_nsigma", "top_w"]
+    assert {registry.entries["sampler"][n].origin for n in registry.names("sampler")} == {"llmgraft"}
+    with pytest.raises(UnknownPluginError, match="available: p_less, top_h, top_nsigma, top_w"):
         registry.get("sampler", "top_x")
     with pytest.raises(UnknownPluginError, match="unknown family"):
         registry.get("samplers", "top_h")
@@ -85,7 +88,7 @@ def test_disable_autoload_and_allow_list(plugin_site, monkeypatch):
     assert "top_a" not in Registry().names("sampler")
     monkeypatch.delenv("LLMGRAFT_DISABLE_PLUGIN_AUTOLOAD")
     monkeypatch.setenv("LLMGRAFT_PLUGINS", "top_a")
-    assert Registry().names("sampler") == ["top_a", "top_h"]  # built-ins always load
+    assert Registry().names("sampler") == ["p_less", "top_a", "top_h", "top_nsigma", "top_w"]  # built-ins always load
     monkeypatch.setenv("LLMGRAFT_PLUGINS", "not_installed, top_a")
     with pytest.warns(RuntimeWarning, match="not_installed.*named in LLMGRAFT_PLUGINS.*installed: .*top_a"):
         registry = Registry()
@@ -104,7 +107,7 @@ def test_broken_plugins_are_reported_and_skipped(plugin_site, broken_site, monke
     assert set(registry.load_errors) == {"broken_import (llmgraft-broken)", "broken_hook_name (llmgraft-broken)",
                                          "no_primary (llmgraft-broken)"}
     # The rest keep working.
-    assert registry.names("sampler") == ["top_a", "top_h"]
+    assert registry.names("sampler") == ["p_less", "top_a", "top_h", "top_nsigma", "top_w"]
     assert not registry.pm.has_plugin("broken_hook_name")
 
 
@@ -179,7 +182,7 @@ def test_registration_checks_the_whole_contract(overrides, message):
     for attempt in range(2):  # the same failure twice must still report failure (same message recorded)
         with pytest.warns(RuntimeWarning, match=message):
             assert registry.add_plugin(_plugin(llmgraft_register_samplers=hook), "bad") is False
-    assert registry.names("sampler") == ["top_h"]
+    assert registry.names("sampler") == BUILTIN_SAMPLERS
 
 
 def test_good_handmade_plugin_and_duplicates():
@@ -189,7 +192,7 @@ def test_good_handmade_plugin_and_duplicates():
         register(_sampler())
 
     assert registry.add_plugin(_plugin(llmgraft_register_samplers=good), "good") is True
-    assert registry.names("sampler") == ["demo", "top_h"]
+    assert registry.names("sampler") == sorted(["demo", *BUILTIN_SAMPLERS])
     top_h = registry.get("sampler", "top_h")
 
     def dup(register):

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .params import Params
+from .resources import RESOURCES
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +54,9 @@ class Sampler(Method):
 
     #: The parameter that the shorthand request field ``{name: value}`` sets, or None for no shorthand.
     primary: ClassVar[str | None]
+    #: Tensors of the served model the sampler needs (names from ``llmgraft.hooks.resources.RESOURCES``).
+    #: When not empty, hosts call ``apply(logits, params, model)`` with a ``ModelResources`` as ``model``.
+    needs: ClassVar[tuple[str, ...]] = ()
 
     @staticmethod
     def check_declaration(obj: Any) -> None:
@@ -60,9 +64,24 @@ class Sampler(Method):
         if obj.primary is not None and obj.primary not in fields:
             raise TypeError(f"sampler {obj.name!r}: `primary` {obj.primary!r} is not one of its parameters "
                             f"({', '.join(fields)})")
+        needs = needs_of(obj)
+        if not isinstance(needs, tuple) or any(n not in RESOURCES for n in needs):
+            raise TypeError(f"sampler {obj.name!r}: `needs` must be a tuple of resource names from "
+                            f"{sorted(RESOURCES)}, got {needs!r}")
+        if needs:
+            try:
+                inspect.signature(obj.apply).bind("logits", "params", "model")
+            except TypeError:
+                raise TypeError(f"sampler {obj.name!r} needs {', '.join(needs)}, so `apply` must accept "
+                                "(logits, params, model)") from None
 
     def apply(self, logits: torch.Tensor, params: SimpleNamespace) -> torch.Tensor:
         raise NotImplementedError
+
+
+def needs_of(sampler: Any) -> tuple[str, ...]:
+    """The model resources a sampler needs (``Sampler.needs``; duck-typed samplers may leave it out)."""
+    return getattr(sampler, "needs", ())
 
 
 class Merger(Method):
@@ -161,10 +180,11 @@ class Family:
         return name
 
     def attributes(self) -> tuple[str, ...]:
-        """Class-level attributes the base class declares (its own and :class:`Method`'s)."""
+        """Class-level attributes the base class declares without a default (its own and :class:`Method`'s);
+        those with a default (``Sampler.needs``) are optional, read with ``getattr(obj, name, default)``."""
         names: list[str] = []
         for cls in reversed(self.base.__mro__):
-            names += [n for n in getattr(cls, "__annotations__", {}) if n not in names]
+            names += [n for n in getattr(cls, "__annotations__", {}) if n not in names and not hasattr(self.base, n)]
         return tuple(names)
 
 

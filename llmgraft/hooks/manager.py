@@ -31,7 +31,8 @@ from .families import FAMILIES, Family
 from .params import Params
 
 ENTRY_POINT_GROUP = "llmgraft"
-BUILTIN_PLUGINS = ("llmgraft.plugins.top_h",)
+BUILTIN_PLUGINS = ("llmgraft.plugins.top_h", "llmgraft.plugins.top_w", "llmgraft.plugins.top_nsigma",
+                   "llmgraft.plugins.p_less")
 BUILTIN_ORIGIN = "llmgraft"
 
 

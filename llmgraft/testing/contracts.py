@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
-from ..hooks import FAMILIES, Params
+from ..hooks import FAMILIES, LLMGraftError, Params
+from ..hooks.families import needs_of
+from ..hooks.resources import ModelResources
 
 
 class ContractError(AssertionError):
@@ -76,10 +78,20 @@ def _bad_rows(vocab: int, gen: torch.Generator) -> torch.Tensor:
     return rows
 
 
+def _model_for(sampler: Any, vocab: int, width: int = 16) -> tuple:
+    """What a host passes besides logits and params: a synthetic model of ``vocab`` tokens, if needed."""
+    if not needs_of(sampler):
+        return ()
+    gen = torch.Generator().manual_seed(vocab)
+    embeddings = torch.randn(vocab, width, generator=gen) * torch.rand(width, generator=gen) * 3
+    return (ModelResources({"input_embeddings": lambda: embeddings}, where=f"a synthetic {vocab}-token model"),)
+
+
 def check_sampler(sampler: Any) -> None:
     params = default_params(sampler)
     gen = torch.Generator().manual_seed(0)
     batch, vocab = 6, 257
+    model = _model_for(sampler, vocab)
     x = torch.randn(batch, vocab, generator=gen) * 3
     x[1] = x[1] * 0.05                          # nearly flat
     x[2, 7] = x[2].max() + 25                   # peaked
@@ -89,19 +101,19 @@ def check_sampler(sampler: Any) -> None:
     for f in per_row:  # alternate a per-row field between its default and another valid value
         if (value := other_valid_value(params, f)) is not None:
             rows = [r if i % 2 == 0 else dataclasses.replace(r, **{f.name: value}) for i, r in enumerate(rows)]
-    out = sampler.apply(x.clone(), params.stack(rows))
+    out = sampler.apply(x.clone(), params.stack(rows), *model)
     _require(isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype, sampler,
              "apply returns logits of the input's shape and dtype")
     _require(not torch.isnan(out).any() and not torch.isposinf(out).any(), sampler, "no NaN or +inf out")
     finite = torch.isfinite(out)
     _require(bool(finite[torch.arange(batch), x.argmax(-1)].all()), sampler, "keeps each row's argmax token")
-    single = torch.cat([sampler.apply(x[i:i + 1].clone(), params.stack([rows[i]])) for i in range(batch)])
+    single = torch.cat([sampler.apply(x[i:i + 1].clone(), params.stack([rows[i]]), *model) for i in range(batch)])
     _require(torch.equal(torch.isfinite(single), finite) and torch.equal(single[finite], out[finite]), sampler,
              "a batch with per-row parameters equals the rows one by one")
 
     bad = _bad_rows(vocab, gen)
     clean = x[:2]
-    out = sampler.apply(torch.cat([bad, clean]).clone(), params.stack([params] * (len(bad) + 2)))
+    out = sampler.apply(torch.cat([bad, clean]).clone(), params.stack([params] * (len(bad) + 2)), *model)
     broken = [i for i, row in enumerate(out) if torch.isnan(row).any() or torch.isposinf(row).any()]
     _require(not broken, sampler, f"bad rows (NaN, +inf, all -inf) give no NaN or +inf (rows {broken} do: "
                                   "0 scattered NaN, 1 +inf, 2 all -inf, 3 all NaN, 4 one finite logit)")
@@ -113,15 +125,22 @@ def check_sampler(sampler: Any) -> None:
     _require(torch.isfinite(out[1]).nonzero().flatten().tolist() == [2, 5] and bool((out[1, [2, 5]] == 0).all()),
              sampler, f"a row with +inf logits keeps exactly those tokens, as logit 0 (kept "
                       f"{torch.isfinite(out[1]).nonzero().flatten().tolist()[:8]})")
-    alone = sampler.apply(clean.clone(), params.stack([params] * 2))
+    alone = sampler.apply(clean.clone(), params.stack([params] * 2), *model)
     _require(torch.equal(torch.isfinite(out[5:]), torch.isfinite(alone)), sampler,
              "bad rows do not change the other rows of their batch")
 
-    one = sampler.apply(torch.zeros(1, 1), params.stack([params]))
+    one = sampler.apply(torch.zeros(1, 1), params.stack([params]), *_model_for(sampler, 1))
     _require(one.shape == (1, 1) and bool(torch.isfinite(one).all()), sampler, "a one-token vocabulary keeps it")
-    low = sampler.apply(x.to(torch.bfloat16), params.stack(rows))
+    low = sampler.apply(x.to(torch.bfloat16), params.stack(rows), *model)
     _require(low.dtype == torch.bfloat16 and not torch.isnan(low).any(), sampler,
              f"bfloat16 logits come back as bfloat16 without NaN (got {low.dtype})")
+    if needs_of(sampler):
+        try:
+            sampler.apply(x.clone(), params.stack(rows), *_model_for(sampler, vocab + 1))
+        except (ValueError, LLMGraftError):  # e.g. llmgraft.hooks.resources.check_vocab's ResourceError
+            pass
+        else:
+            _require(False, sampler, "a model whose vocabulary differs from the logits' is a clear error")
 
 
 # ---- the five families whose real methods come later (first-sketch operations) ------------------------------

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from vllm import SamplingParams
     from vllm.config import VllmConfig
 
+    from ...hooks.resources import ModelResources
     from ...hooks.sampling import SamplerChoice
 
 _GREEDY_EPS = 1e-5  # vLLM's own threshold below which a request is sampled greedily
@@ -95,13 +96,41 @@ def _group_rows(choices: Sequence[SamplerChoice | None], device, temperatures: S
     return groups
 
 
-def _apply_groups(logits: torch.Tensor, groups: list[_Group]) -> torch.Tensor:
+def _engine_resources(vllm_config: VllmConfig, default: SamplerChoice | None) -> ModelResources:
+    """The model tensors samplers may need (Top-W: input embeddings), checked once at engine start.
+
+    Unusable ones stop the engine when the server's default sampler needs them, and are logged otherwise
+    (a request for such a sampler then fails with the same reason)."""
+    import logging
+
+    from ...hooks import get_registry
+    from ...hooks.families import needs_of
+    from ...hooks.resources import ResourceError
+    from .resources import engine_resources
+    from .startup import report
+
+    resources, problem = engine_resources(vllm_config)
+    if problem:
+        needing = [n for n in get_registry().names("sampler") if needs_of(get_registry().get("sampler", n))]
+        if default is not None and needs_of(default.sampler):
+            report(f"the server's default sampler {default.sampler.name!r} cannot run: {problem}")
+            raise ResourceError(problem)
+        if needing:
+            logging.getLogger("llmgraft").warning("llmgraft: %s unavailable on this engine: %s",
+                                                  ", ".join(needing), problem)
+    return resources
+
+
+def _apply_groups(logits: torch.Tensor, groups: list[_Group], resources: ModelResources) -> torch.Tensor:
+    from ...hooks.families import needs_of
+
     for g in groups:
         rows = logits if g.index is None else logits[g.index]
+        extra = (resources,) if needs_of(g.sampler) else ()
         if g.temperature is not None:  # V2: filter sampler(rows / T), then restore vLLM's unscaled view
-            rows = g.sampler.apply(rows / g.temperature, g.params).mul_(g.temperature)
+            rows = g.sampler.apply(rows / g.temperature, g.params, *extra).mul_(g.temperature)
         else:
-            rows = g.sampler.apply(rows, g.params)
+            rows = g.sampler.apply(rows, g.params, *extra)
         if g.index is None:
             logits = rows
         else:
@@ -142,6 +171,7 @@ class _V1GraftSampling(GraftSampling):
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         self.device = device
         self.default = _server_default(vllm_config)
+        self.resources = _engine_resources(vllm_config, self.default)
         self.rows: dict[int, SamplerChoice] = {}
         self.groups: list[_Group] = []
 
@@ -155,7 +185,7 @@ class _V1GraftSampling(GraftSampling):
         self.groups = _group_rows([self.rows.get(i) for i in range(batch_update.batch_size)], self.device)
 
     def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
-        return _apply_groups(logits, self.groups) if self.groups else logits
+        return _apply_groups(logits, self.groups, self.resources) if self.groups else logits
 
 
 class _V2GraftSampling(GraftSampling):
@@ -165,6 +195,7 @@ class _V2GraftSampling(GraftSampling):
         max_reqs = getattr(req_states, "max_num_reqs", None) or vllm_config.scheduler_config.max_num_seqs
         self.device = getattr(req_states, "device", None) or torch.device("cpu")
         self.default = _server_default(vllm_config)
+        self.resources = _engine_resources(vllm_config, self.default)
         self.slots: dict[int, SamplerChoice] = {}
         self.temperature = np.ones(max_reqs, dtype=np.float32)
         self.uses = np.zeros(max_reqs, dtype=bool)
@@ -191,4 +222,4 @@ class _V2GraftSampling(GraftSampling):
         if self._cache is None or self._cache[0] != key:
             choices = [self.slots.get(int(s)) if self.uses[s] else None for s in slots]
             self._cache = (key, _group_rows(choices, self.device, self.temperature[slots].tolist()))
-        return _apply_groups(logits, self._cache[1])
+        return _apply_groups(logits, self._cache[1], self.resources)
