@@ -7,6 +7,7 @@ transformers implies, so the tests fail if the processor is not loaded, not appl
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -168,3 +169,71 @@ def test_model_runner_v2_processor_scales_by_each_rows_temperature(llm):
         torch.testing.assert_close(out[row][kept], x[row][kept])
     untouched = x[:2].clone()
     assert proc.apply(untouched, context([0, 7])) is untouched and torch.equal(untouched, x[:2])
+
+
+# ---- the other built-in samplers, through the same engine ---------------------------------------------------
+
+
+def _sampled_outside(hf_model, outputs, allowed_fn) -> int:
+    misses = 0
+    for output in outputs:
+        logits, tokens = step_logits(hf_model, output)
+        allowed = torch.isfinite(allowed_fn(logits.clone()))
+        misses += sum(not bool(allowed[i, t]) for i, t in enumerate(tokens))
+    return misses
+
+
+def test_threshold_samplers_per_request(llm, hf_model):
+    from llmgraft.kernels.thresholds import p_less, top_nsigma
+
+    sigma = llm.generate(PROMPTS, [params(i, top_nsigma=0.5) for i in range(4)], use_tqdm=False)
+    less = llm.generate(PROMPTS, [params(i, llmgraft_sampler="p_less") for i in range(4)], use_tqdm=False)
+    # Supersets robust to float drift between the engine and HF: a wider sigma band; a lower Renyi order.
+    assert _sampled_outside(hf_model, sigma, lambda x: top_nsigma(x, 0.55)) == 0
+    assert _sampled_outside(hf_model, less, lambda x: p_less(x, order=1.9)) == 0
+    plain = llm.generate(PROMPTS, [params(i) for i in range(4)], use_tqdm=False)
+    assert _sampled_outside(hf_model, plain, lambda x: top_nsigma(x, 0.5)) > 5
+    assert _sampled_outside(hf_model, plain, lambda x: p_less(x)) > 5
+
+
+def test_top_w_reads_the_engines_embeddings(llm, hf_model):
+    from llmgraft.kernels.top_w import top_w, unit_embeddings
+
+    unit = unit_embeddings(hf_model.get_input_embeddings().weight)
+    outputs = llm.generate(PROMPTS, [params(i, top_w=6.0, top_w_lam=1.0) for i in range(4)], use_tqdm=False)
+    sizes = []
+    for output in outputs:
+        logits, tokens = step_logits(hf_model, output)
+        allowed = torch.isfinite(top_w(logits.clone(), unit, beta=6.0, lam=1.0))
+        sizes += allowed.sum(-1).tolist()
+        assert all(bool(allowed[i, t]) for i, t in enumerate(tokens))
+    assert max(sizes) > 1  # the rule had a choice to make at some steps
+
+
+def test_engine_resources_report_a_vocabulary_mismatch(llm, tiny_llama, tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    from llmgraft.hooks.resources import ResourceError
+    from llmgraft.hooks.sampling import parse_server_defaults
+    from llmgraft.integrations.vllm.sampling import _engine_resources
+
+    shutil.copytree(tiny_llama, tmp_path / "m")
+    save_file({"model.embed_tokens.weight": torch.zeros(7, 4)}, str(tmp_path / "m" / "model.safetensors"))
+    config = copy.copy(llm.llm_engine.vllm_config)
+    config.model_config = copy.copy(config.model_config)
+    config.model_config.model = str(tmp_path / "m")
+    with pytest.raises(ResourceError, match=r"model.embed_tokens.weight .* have shape \(7, 4\) but the logits"):
+        _engine_resources(config, parse_server_defaults({"sampler": "top_w"}))
+    resources = _engine_resources(config, None)  # no default needs it: a warning, and an error on use
+    assert "top_w unavailable on this engine" in caplog.text
+    with pytest.raises(ResourceError, match=r"shape \(7, 4\)"):
+        resources.get("input_embeddings")
+    good = _engine_resources(llm.llm_engine.vllm_config, None).get("input_embeddings")
+    assert torch.equal(good, hf_model_embeddings(tiny_llama))
+
+
+def hf_model_embeddings(path) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return f.get_tensor("model.embed_tokens.weight").float()
