@@ -39,10 +39,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .truncation import TopN, truncate_top_n
+from .truncation import TopN, _buffer, truncate_top_n
 
 POTENTIALS = ("nearest", "matching")
 _EPS = 1e-12
+_NEG_INF = torch.tensor(-torch.inf)
 
 
 def unit_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
@@ -86,9 +87,11 @@ def _members(order: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(order, dtype=torch.bool).scatter_(1, order, ranks < k.unsqueeze(1))
 
 
-def _gather_rows(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``table[b, positions[b, k]]`` for a [B, m, d] table and [B, K] positions: [B, K, d]."""
-    return table.gather(1, positions.unsqueeze(-1).expand(-1, -1, table.shape[2]))
+def _rows_at(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``table[b, positions[b, k]]`` for a [B, m, d] table and [B, K] positions: [B, K, d] (row copies)."""
+    batch, m, width = table.shape
+    flat = (positions + torch.arange(batch).unsqueeze(1) * m).reshape(-1)
+    return table.reshape(batch * m, width).index_select(0, flat).view(batch, -1, width)
 
 
 def _first_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,58 +103,107 @@ def _first_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, valid
 
 
+#: The first pass also computes full similarity columns for the pool's most likely tokens: the set after
+#: it is usually among them, and then no later pass reads the pool's vectors again.
+_SPECULATE = 4
+
+
+def _groups(count: torch.Tensor, slack: float = 1.25, floor: int = 4) -> list[tuple[int, int]]:
+    """Contiguous row ranges [a, b) of rows with count > 0, each padded to its largest count at a cost within
+    ``slack`` times its real work (plus ``floor`` per row): one batched matmul per range."""
+    counts = count.tolist()
+    ranges, a = [], 0
+    while a < len(counts):
+        if counts[a] == 0:
+            a += 1
+            continue
+        b, top, total = a + 1, counts[a], counts[a]
+        while b < len(counts) and counts[b] > 0:
+            wider, more = max(top, counts[b]), total + counts[b]
+            if wider * (b + 1 - a) > slack * more + floor * (b + 1 - a):
+                break
+            top, total, b = wider, more, b + 1
+        ranges.append((a, b))
+        a = b
+    return ranges
+
+
 class _NearestPotential:
-    """max_{j∈S} cos(e_i, e_j) for i ∉ S, reusing every similarity column computed in earlier passes."""
+    """max_{j∈S} cos(e_i, e_j) for every pool token i ∉ S (1 on S), per row, exactly.
 
-    def __init__(self, vectors: torch.Tensor):
-        self.vectors = vectors          # [B, m, d] unit rows of each row's pool
-        self.columns: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, positions, sims)
-        self.have = torch.zeros(vectors.shape[:2], dtype=torch.bool)  # full columns known, per row
+    The pool's unit vectors are gathered once per call, into a reused workspace. Only full similarity
+    columns (one token against the whole pool) are computed, and each once per call. A token i ∉ S is
+    exact if its own column is known (max over S of the column) or if every member of S has its column
+    (max over those columns); the first pass computes columns for the smaller side of the warm start (the
+    few tokens outside S₀ when S₀ holds most of the pool, else the members of S₀), later passes only for
+    members of S whose columns are missing, and only where some token outside S lacks its own. Rows are
+    ordered by their first-pass column count, so that rows of similar width share one matmul (``_groups``).
+    """
 
-    def first(self, members: torch.Tensor) -> torch.Tensor:
-        """The first pass: only the block (i ∉ S) × (j ∈ S) is computed."""
-        inner, inner_ok = _first_positions(members)
-        outer, outer_ok = _first_positions(~members)
-        sims = torch.bmm(_gather_rows(self.vectors, outer), _gather_rows(self.vectors, inner).transpose(1, 2))
-        sims.masked_fill_(~inner_ok.unsqueeze(1), -torch.inf)
-        best = torch.full(members.shape, 1.0)  # members: cos(e_i, e_i) = 1
-        best.scatter_(1, outer, torch.where(outer_ok, sims.amax(2), 1.0))
-        return best
+    def __init__(self, unit: torch.Tensor, index: torch.Tensor, members: torch.Tensor):
+        batch, m = index.shape
+        wide = members.sum(1) > m // 2
+        wanted = torch.where(wide.unsqueeze(1), ~members, members)
+        wanted[:, :_SPECULATE] = True
+        self.order = torch.sort(wanted.sum(1), stable=True).indices  # internal row order
+        self.inverse = torch.empty_like(self.order)
+        self.inverse[self.order] = torch.arange(batch)
+        # Into the reused workspace: a fresh [B·m, d] allocation is page-faulted on every call (5x slower).
+        workspace = _buffer((batch * m, unit.shape[1]), unit.device)
+        rows = index.index_select(0, self.order).reshape(-1)
+        self.vectors = torch.index_select(unit, 0, rows, out=workspace).view(batch, m, -1)
+        self.blocks: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (a, b, [g, K] positions or -1, sims)
+        self.have = torch.zeros(batch, m, dtype=torch.bool)
+        self._add(wanted.index_select(0, self.order))
 
-    def update(self, active: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-        """Passes after the first, for the rows ``active`` (indices) with their new ``members`` [A, m]."""
-        new = members & ~self.have[active]
-        if bool(new.any()):
-            positions, valid = _first_positions(new)
-            vectors = self.vectors[active]
-            sims = torch.bmm(vectors, _gather_rows(vectors, positions).transpose(1, 2))  # [A, m, K]
-            self.columns.append((active, positions.masked_fill(~valid, -1), sims))
-            self.have[active] |= new
+    def _add(self, new: torch.Tensor) -> None:
+        """Full columns for the positions marked in ``new`` [B, m] (internal order), one matmul per range."""
+        new = new & ~self.have
+        count = new.sum(1)
+        for a, b in _groups(count):
+            positions, valid = _first_positions(new[a:b])
+            vectors = self.vectors[a:b]
+            columns = _rows_at(vectors, positions)
+            sims = torch.bmm(vectors, columns.transpose(1, 2))  # [g, m, K]: cos(pool i, column token)
+            self.blocks.append((a, b, positions.masked_fill(~valid, -1), sims))
+        self.have |= new
+
+    def __call__(self, members: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
+        """[B, m] max cosine to S (``members``, caller's row order); only ``running`` rows need be exact."""
+        members = members.index_select(0, self.order)
+        running = running.index_select(0, self.order)
+        covered = (members | self.have).all(1)  # every token outside S has its own column
+        self._add(members & ~(covered | ~running).unsqueeze(1))
         best = torch.full(members.shape, -torch.inf)
-        slot = torch.full((self.have.shape[0],), -1, dtype=torch.long)
-        slot[active] = torch.arange(active.numel())
-        for rows, positions, sims in self.columns:
-            here = slot[rows]
-            keep = here >= 0
-            if not bool(keep.any()):
-                continue
-            here, positions, sims = here[keep], positions[keep], sims[keep]
-            in_s = members[here].gather(1, positions.clamp(min=0)) & (positions >= 0)  # [A', K]
-            part = sims.masked_fill(~in_s.unsqueeze(1), -torch.inf).amax(2)
-            best[here] = torch.maximum(best[here], part)
-        return best.masked_fill_(members, 1.0)
+        for a, b, positions, sims in self.blocks:
+            valid = positions >= 0
+            in_s = members[a:b].gather(1, positions.clamp(min=0)) & valid  # [g, K]
+            if bool((~covered[a:b] & running[a:b]).any()):  # max over the columns of S's members
+                take, ok = _first_positions(in_s)
+                picked = sims.gather(2, take.unsqueeze(1).expand(-1, sims.shape[1], -1))  # [g, m, K_in]
+                picked.masked_fill_(~ok.unsqueeze(1), -torch.inf)
+                best[a:b] = torch.maximum(best[a:b], picked.amax(2))
+            if bool((covered[a:b] & running[a:b]).any()):  # each outside token's own column, max over S
+                masked = torch.where(members[a:b].unsqueeze(2), sims, _NEG_INF,
+                                     out=_buffer(tuple(sims.shape), sims.device, "top_w"))
+                own = torch.where(valid & ~in_s, masked.amax(1), -torch.inf)  # [g, K]
+                part = torch.full((b - a, members.shape[1]), -torch.inf)
+                part.scatter_reduce_(1, positions.clamp(min=0), own, "amax")
+                best[a:b] = torch.maximum(best[a:b], part)
+        return best.masked_fill_(members, 1.0).index_select(0, self.inverse)
 
 
 class _MatchingPotential:
     """The official, uncalled distance-matching potential (see the module docstring)."""
 
-    def __init__(self, vectors: torch.Tensor):
+    def __init__(self, unit: torch.Tensor, index: torch.Tensor):
+        vectors = unit.index_select(0, index.reshape(-1)).view(*index.shape, -1)
         cos = torch.bmm(vectors, vectors.transpose(1, 2)).clamp_(-1.0, 1.0)
         self.distance = (2.0 - 2.0 * cos).clamp_(min=0.0).sqrt_()  # float32, as the official code
         self.distance.diagonal(dim1=1, dim2=2).zero_()
 
-    def potential(self, rows: torch.Tensor, p: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-        distance = self.distance[rows].double()
+    def potential(self, p: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        distance = self.distance.double()
         gamma = (p * members).sum(1, keepdim=True).clamp(_EPS, 1.0 - _EPS)
         a = torch.where(members, p / gamma, 0.0)
         b = torch.where(members, 0.0, p / (1.0 - gamma).clamp(_EPS, 1.0))
@@ -178,27 +230,28 @@ def top_w_rule(top: TopN, unit: torch.Tensor, lam, beta, geom_scale, init_top_p,
     order = torch.arange(m).repeat(batch, 1)
     members = _members(order, k)
 
-    vectors = unit.index_select(0, top.index.reshape(-1).to(unit.device)).cpu().view(batch, m, -1)
+    index = top.index.reshape(batch, m).to(unit.device)
     nearest = potential == "nearest"
-    field = _NearestPotential(vectors) if nearest else _MatchingPotential(vectors)
+    field = (_NearestPotential(unit.cpu(), index.cpu(), members) if nearest
+             else _MatchingPotential(unit.cpu(), index.cpu()))
     passes = torch.zeros(batch, dtype=torch.long)
     converged = torch.zeros(batch, dtype=torch.bool)
-    active = torch.arange(batch)
+    running = torch.ones(batch, dtype=torch.bool)
     for step in range(max(1, alt_iters)):
         if nearest:
-            best = field.first(members) if step == 0 else field.update(active, members[active])
-            f = -(1.0 - best.clamp_(-1.0, 1.0).double())
+            f = -(1.0 - field(members, running).clamp_(-1.0, 1.0).double())
         else:
-            f = field.potential(active, p[active], members[active])
-        new_order, new_k = _prefix_scan(p[active], log_p[active], f, lam[active], beta[active],
-                                        geom_scale[active])
+            f = field.potential(p, members)
+        new_order, new_k = _prefix_scan(p, log_p, f, lam, beta, geom_scale)
         new_members = _members(new_order, new_k)
-        same = (new_members == members[active]).all(1)
-        passes[active] += 1
-        converged[active] = same
-        order[active], k[active], members[active] = new_order, new_k, new_members
-        active = active[~same]
-        if active.numel() == 0:
+        same = (new_members == members).all(1)
+        passes += running
+        converged |= running & same
+        order = torch.where(running.unsqueeze(1), new_order, order)
+        k = torch.where(running, new_k, k)
+        members = torch.where(running.unsqueeze(1), new_members, members)
+        running &= ~same
+        if not bool(running.any()):
             break
     if stats is not None:
         stats.passes, stats.converged, stats.kept = passes, converged, k.clone()

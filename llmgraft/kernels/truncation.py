@@ -151,21 +151,22 @@ def _entropy_sums(x: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor) ->
     return mass, p1, probs.mul_(x).nansum(-1)  # nansum: 0 * -inf (masked tokens) is NaN
 
 
-def _buffer(shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """This thread's float32 workspace on ``device``, viewed as ``shape`` (views are cached: batch sizes
-    repeat from step to step, and making a view costs as much as a small kernel at B=1)."""
+def _buffer(shape: tuple[int, ...], device: torch.device, slot: str = "main") -> torch.Tensor:
+    """This thread's float32 workspace ``slot`` on ``device``, viewed as ``shape`` (views are cached: batch
+    sizes repeat from step to step, and making a view costs as much as a small kernel at B=1)."""
     cache = getattr(_workspace, "cache", None)
     if cache is None:
         cache = _workspace.cache = {}
-    view = cache.get((shape, device))
+    numel = math.prod(shape)
+    view = cache.get((slot, shape, device))
     if view is None:
-        storage = cache.get(device)
-        if storage is None or storage.numel() < shape[0] * shape[1] or len(cache) > 256:
-            for key in [k for k in cache if k == device or (isinstance(k, tuple) and k[1] == device)]:
+        storage = cache.get((slot, device))
+        if storage is None or storage.numel() < numel or len(cache) > 256:
+            for key in [k for k in cache if k[0] == slot and k[-1] == device]:
                 del cache[key]  # views of the old storage go with it
-            size = max(shape[0] * shape[1], 0 if storage is None else storage.numel())
-            storage = cache[device] = torch.empty(size, dtype=torch.float32, device=device)
-        view = cache[(shape, device)] = storage[:shape[0] * shape[1]].view(shape)
+            size = max(numel, 0 if storage is None else storage.numel())
+            storage = cache[(slot, device)] = torch.empty(size, dtype=torch.float32, device=device)
+        view = cache[(slot, shape, device)] = storage[:numel].view(shape)
     return view
 
 
