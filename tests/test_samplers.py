@@ -84,9 +84,19 @@ def assert_top_w_matches(x: torch.Tensor, table: torch.Tensor, top_m: int, poten
     return stats
 
 
+@pytest.fixture(params=["shortcut", "exact"])
+def settle(request, monkeypatch):
+    """Run Top-W with its exact shortcut (``_settled``) and, separately, with the whole pool's potential."""
+    if request.param == "exact":
+        import llmgraft.kernels.top_w as module
+
+        monkeypatch.setattr(module, "_settled", lambda p, *args: torch.zeros(len(p), dtype=torch.bool))
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["random", "peaked", "masked"])
 @pytest.mark.parametrize("potential", ["nearest", "matching"])
-def test_top_w_matches_replica(kind, potential):
+def test_top_w_matches_replica(kind, potential, settle):
     x = rows_of(kind, 8, 2000, seed=3)
     table = embeddings(2000, 24, seed=4)
     betas = [2.8, 2.0, 3.5, 2.8, 5.0, 2.8, 1.0, 2.8]
@@ -94,10 +104,10 @@ def test_top_w_matches_replica(kind, potential):
     assert_top_w_matches(x, table, 300, potential, beta=betas, lam=lams)
 
 
-def test_top_w_matches_replica_on_the_code_lm(code_lm, code_lm_logits):
+def test_top_w_matches_replica_on_the_code_lm(code_lm, code_lm_logits, settle):
     model, _ = code_lm
     table = model.get_input_embeddings().weight.detach()
-    for temperature in (0.7, 1.5):
+    for temperature in (0.7, 1.5, 3.0):
         stats = assert_top_w_matches(code_lm_logits[:12] / temperature, table, 1200)
         assert int(stats.kept.max()) > 1  # real rows, not all one-token
 

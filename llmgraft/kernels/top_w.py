@@ -25,12 +25,22 @@ official processor takes one row); tokens of zero probability never enter the po
 pool them when fewer than m tokens have p > 0, but they add nothing to any score); ties follow the pool's
 order (stable sorts) where the official sorts are unstable; rows follow the shared bad-logit policy.
 
-Cost, per row and pass, with d the embedding width: the potential needs max_{j∈S} cos(e_i, e_j) only for
-i ∉ S. The first pass computes exactly that block, (m − |S₀|)·|S₀|·d multiply-adds (|S₀| is the warm start,
-near m at high temperature, so the block is small at both ends); later passes reuse every similarity
-column computed so far and add full columns only for tokens new to S, m·|new|·d. Rows stop as soon as
-their S repeats, and each pass is one batched matmul over the rows still running. The prefix scan is a
-sort of m values per pass. The matching potential costs m²·d once per call plus m² per pass.
+Cost model, per row, with m = ``top_m`` and d the embedding width. The official code pays, per pass, the
+nearest-set potential over the whole pool, m·|S|·d multiply-adds (|S₀| is the 0.999-mass warm start, often
+most of the pool), up to 9 passes, one row at a time. Here:
+
+* selection: the top m of V (``torch.topk``) and exact float64 probabilities of the pool, as every
+  truncation sampler;
+* the potential, only where it can change the next S (``_settled``): members of S have f = 0 exactly, and
+  the scan's answer is provably independent of the f of tokens far less likely than S. The first pass
+  then needs no similarity at all, later passes a (16 × |S|) or (128 × |S|) block of the most likely
+  tokens; rows where that does not settle it get the exact potential of the whole pool, computed as full
+  similarity columns of the smaller side ((m - |S|) or |S| columns, m·d each), each column once per call,
+  rows of similar widths batched into one matmul;
+* the prefix scan: a sort of m values per pass; rows stop as soon as S repeats.
+
+On the bundled code LM (V = 4096, m = 1200) a step settles in 2 passes without touching the embedding
+table in the first, so the cost is about one top-1200 selection plus a few small matmuls.
 """
 
 from __future__ import annotations
@@ -103,22 +113,14 @@ def _first_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, valid
 
 
-#: The first pass also computes full similarity columns for the pool's most likely tokens: the set after
-#: it is usually among them, and then no later pass reads the pool's vectors again.
-_SPECULATE = 4
-
-
 def _groups(count: torch.Tensor, slack: float = 1.25, floor: int = 4) -> list[tuple[int, int]]:
-    """Contiguous row ranges [a, b) of rows with count > 0, each padded to its largest count at a cost within
-    ``slack`` times its real work (plus ``floor`` per row): one batched matmul per range."""
+    """Contiguous ranges [a, b) of rows sorted by ``count`` (> 0), each padded to its largest count at a cost
+    within ``slack`` times its real work (plus ``floor`` per row): one batched matmul per range."""
     counts = count.tolist()
     ranges, a = [], 0
     while a < len(counts):
-        if counts[a] == 0:
-            a += 1
-            continue
         b, top, total = a + 1, counts[a], counts[a]
-        while b < len(counts) and counts[b] > 0:
+        while b < len(counts):
             wider, more = max(top, counts[b]), total + counts[b]
             if wider * (b + 1 - a) > slack * more + floor * (b + 1 - a):
                 break
@@ -129,68 +131,66 @@ def _groups(count: torch.Tensor, slack: float = 1.25, floor: int = 4) -> list[tu
 
 
 class _NearestPotential:
-    """max_{j∈S} cos(e_i, e_j) for every pool token i ∉ S (1 on S), per row, exactly.
+    """max_{j∈S} cos(e_i, e_j) for the pool tokens i ∉ S of the rows that need it, exactly (1 on S).
 
-    The pool's unit vectors are gathered once per call, into a reused workspace. Only full similarity
-    columns (one token against the whole pool) are computed, and each once per call. A token i ∉ S is
-    exact if its own column is known (max over S of the column) or if every member of S has its column
-    (max over those columns); the first pass computes columns for the smaller side of the warm start (the
-    few tokens outside S₀ when S₀ holds most of the pool, else the members of S₀), later passes only for
-    members of S whose columns are missing, and only where some token outside S lacks its own. Rows are
-    ordered by their first-pass column count, so that rows of similar width share one matmul (``_groups``).
+    Only full similarity columns (one token against its row's whole pool) are computed, each once per call.
+    A token i ∉ S is exact if its own column is known (max over S of the column) or if every member of S
+    has its column (max over those columns). A row that needs values gets the columns of the smaller of
+    the two sides that lack them, and rows of similar column counts share one batched matmul.
     """
 
-    def __init__(self, unit: torch.Tensor, index: torch.Tensor, members: torch.Tensor):
-        batch, m = index.shape
-        wide = members.sum(1) > m // 2
-        wanted = torch.where(wide.unsqueeze(1), ~members, members)
-        wanted[:, :_SPECULATE] = True
-        self.order = torch.sort(wanted.sum(1), stable=True).indices  # internal row order
-        self.inverse = torch.empty_like(self.order)
-        self.inverse[self.order] = torch.arange(batch)
-        # Into the reused workspace: a fresh [B·m, d] allocation is page-faulted on every call (5x slower).
-        workspace = _buffer((batch * m, unit.shape[1]), unit.device)
-        rows = index.index_select(0, self.order).reshape(-1)
-        self.vectors = torch.index_select(unit, 0, rows, out=workspace).view(batch, m, -1)
-        self.blocks: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (a, b, [g, K] positions or -1, sims)
-        self.have = torch.zeros(batch, m, dtype=torch.bool)
-        self._add(wanted.index_select(0, self.order))
+    def __init__(self, unit: torch.Tensor, index: torch.Tensor):
+        self.unit, self.index = unit, index
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, [g, K] positions, sims)
+        self.have = torch.zeros(index.shape, dtype=torch.bool)
 
     def _add(self, new: torch.Tensor) -> None:
-        """Full columns for the positions marked in ``new`` [B, m] (internal order), one matmul per range."""
-        new = new & ~self.have
+        """Full columns for the positions marked in ``new`` [B, m]."""
         count = new.sum(1)
-        for a, b in _groups(count):
-            positions, valid = _first_positions(new[a:b])
-            vectors = self.vectors[a:b]
-            columns = _rows_at(vectors, positions)
-            sims = torch.bmm(vectors, columns.transpose(1, 2))  # [g, m, K]: cos(pool i, column token)
-            self.blocks.append((a, b, positions.masked_fill(~valid, -1), sims))
+        needing = count.nonzero().squeeze(1)
+        if needing.numel() == 0:
+            return
+        needing = needing[torch.sort(count[needing], stable=True).indices]
+        m, width = self.index.shape[1], self.unit.shape[1]
+        for a, b in _groups(count[needing]):
+            rows = needing[a:b]
+            # Into a reused workspace: a fresh [g·m, d] allocation is page-faulted on every call (5x slower).
+            workspace = _buffer((len(rows) * m, width), self.unit.device, "top_w_pool")
+            vectors = torch.index_select(self.unit, 0, self.index[rows].reshape(-1), out=workspace).view(-1, m, width)
+            positions, valid = _first_positions(new.index_select(0, rows))
+            sims = torch.bmm(vectors, _rows_at(vectors, positions).transpose(1, 2))  # [g, m, K]
+            self.blocks.append((rows, positions.masked_fill(~valid, -1), sims))
         self.have |= new
 
-    def __call__(self, members: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
-        """[B, m] max cosine to S (``members``, caller's row order); only ``running`` rows need be exact."""
-        members = members.index_select(0, self.order)
-        running = running.index_select(0, self.order)
-        covered = (members | self.have).all(1)  # every token outside S has its own column
-        self._add(members & ~(covered | ~running).unsqueeze(1))
+    def __call__(self, members: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
+        """[B, m]: max cosine to S (``members``) for the rows ``needed`` [B]; other rows' values are -inf."""
+        inside = members & ~self.have
+        outside = ~members & ~self.have
+        exact = ~(inside.any(1) & outside.any(1))  # one side already complete
+        fill_outside = outside.sum(1) < inside.sum(1)
+        todo = (needed & ~exact).unsqueeze(1)
+        self._add(torch.where(fill_outside.unsqueeze(1), outside, inside) & todo)
         best = torch.full(members.shape, -torch.inf)
-        for a, b, positions, sims in self.blocks:
+        for rows, positions, sims in self.blocks:
+            want = needed.index_select(0, rows)
+            if not bool(want.any()):
+                continue
+            here = members.index_select(0, rows)
             valid = positions >= 0
-            in_s = members[a:b].gather(1, positions.clamp(min=0)) & valid  # [g, K]
-            if bool((~covered[a:b] & running[a:b]).any()):  # max over the columns of S's members
+            in_s = here.gather(1, positions.clamp(min=0)) & valid  # [g, K]
+            by_members = torch.full(here.shape, -torch.inf)
+            if bool(in_s.any()):  # max over the columns of S's members
                 take, ok = _first_positions(in_s)
                 picked = sims.gather(2, take.unsqueeze(1).expand(-1, sims.shape[1], -1))  # [g, m, K_in]
-                picked.masked_fill_(~ok.unsqueeze(1), -torch.inf)
-                best[a:b] = torch.maximum(best[a:b], picked.amax(2))
-            if bool((covered[a:b] & running[a:b]).any()):  # each outside token's own column, max over S
-                masked = torch.where(members[a:b].unsqueeze(2), sims, _NEG_INF,
+                by_members = picked.masked_fill_(~ok.unsqueeze(1), -torch.inf).amax(2)
+            part = torch.full(here.shape, -torch.inf)
+            if bool((valid & ~in_s).any()):  # each outside token's own column, max over S
+                masked = torch.where(here.unsqueeze(2), sims, _NEG_INF,
                                      out=_buffer(tuple(sims.shape), sims.device, "top_w"))
                 own = torch.where(valid & ~in_s, masked.amax(1), -torch.inf)  # [g, K]
-                part = torch.full((b - a, members.shape[1]), -torch.inf)
                 part.scatter_reduce_(1, positions.clamp(min=0), own, "amax")
-                best[a:b] = torch.maximum(best[a:b], part)
-        return best.masked_fill_(members, 1.0).index_select(0, self.inverse)
+            best[rows] = torch.maximum(best[rows], torch.maximum(by_members, part))
+        return best.masked_fill_(members, 1.0)
 
 
 class _MatchingPotential:
@@ -213,6 +213,76 @@ class _MatchingPotential:
         return torch.where((count == 0) | (count == members.shape[1]), 0.0, f)
 
 
+#: Pool prefixes tried, in order, before the exact potential of the whole pool (see ``_settled``).
+_PREFIXES = (16, 128)
+
+
+def _settled(p: torch.Tensor, log_p: torch.Tensor, f: torch.Tensor, known: torch.Tensor, lam: torch.Tensor,
+             beta: torch.Tensor, geom_scale: torch.Tensor) -> torch.Tensor:
+    """[B] bool: rows whose next S is the same for every f in [-2, 0] of the tokens not ``known``.
+
+    ``f`` is exact where ``known`` (members of S have f = 0 exactly: their own cosine is 1). A token that is
+    not known has φ ≤ λ log p ≤ φ_U, the bound of the most likely of them (the pool is in p order). The
+    known tokens with φ > φ_U, call them K, sort before every other token whatever their f, and the scores
+    of all prefixes within K are known. Let A be K's p-weighted mean φ, Γ its mass and P the pool's mass
+    outside K (all of it with φ ≤ φ_U). Appending outside mass x to the whole of K changes the score by at
+    most -(A - φ_U)·x/(Γ + P) + max(β - λ, 0)·x/Γ, never positive when A - φ_U ≥ max(β - λ, 0)·(Γ + P)/Γ.
+    Then no prefix reaching outside K beats the best prefix within it, and the unknown f do not matter.
+
+    For a real LM this holds at nearly every step, with K = the warm start itself in the first pass (no
+    similarity at all) and K = S plus its most likely neighbours later (a few similarities), which removes
+    the m·|S|·d work of the nearest-set potential.
+    """
+    m = p.shape[1]
+    phi = geom_scale * f + lam * log_p
+    unknown = ~known
+    first_unknown = torch.where(unknown, torch.arange(m).unsqueeze(0), m).amin(1, keepdim=True)
+    bound = lam * log_p.gather(1, first_unknown.clamp(max=m - 1))
+    core = (known & (phi > bound)).double()
+    mass = (p * core).sum(1, keepdim=True)
+    rest = p.sum(1, keepdim=True) - mass
+    mean_phi = (p * phi * core).sum(1, keepdim=True) / mass.clamp(min=_EPS)
+    gain = (beta - lam).clamp(min=0.0) * (mass + rest) / mass.clamp(min=_EPS)
+    holds = (mass > 0) & (mean_phi - bound >= gain * (1.0 + 1e-9) + 1e-12)
+    return (first_unknown >= m).squeeze(1) | holds.squeeze(1)
+
+
+def _head_potential(unit: torch.Tensor, index: torch.Tensor, members: torch.Tensor, head: int) -> torch.Tensor:
+    """[R, head] max cosine to S of the first ``head`` pool tokens (1 on S): a (head × |S|) block per row."""
+    positions, valid = _first_positions(members)
+    width = unit.shape[1]
+    rows = torch.arange(len(index)).unsqueeze(1)
+    inner = unit.index_select(0, index[rows, positions].reshape(-1)).view(len(index), -1, width)
+    outer = unit.index_select(0, index[:, :head].reshape(-1)).view(len(index), head, width)
+    sims = torch.bmm(outer, inner.transpose(1, 2)).masked_fill_(~valid.unsqueeze(1), -torch.inf)
+    return sims.amax(2).masked_fill_(members[:, :head], 1.0)
+
+
+def _nearest_f(field: _NearestPotential, unit, index, p, log_p, members, running, lam, beta, geom_scale):
+    """f of the nearest-set potential for the running rows: exact where it can change the next S.
+
+    Members have f = 0; rows are first tried with the f of only the pool's first ``_PREFIXES`` tokens
+    (``_settled``), and only the rows that stay unsettled get the exact potential of their whole pool.
+    Tokens whose f cannot matter get -2 (any value in [-2, 0] gives the same next S)."""
+    m = p.shape[1]
+    best = torch.where(members, 1.0, -1.0)
+    known = members.clone()
+    open_rows = running & ~_settled(p, log_p, -(1.0 - best.double()), known, lam, beta, geom_scale)
+    for head in _PREFIXES:
+        if head >= m or not bool(open_rows.any()):
+            break
+        rows = open_rows.nonzero().squeeze(1)
+        best[rows, :head] = _head_potential(unit, index[rows], members[rows], head)
+        known[rows, :head] = True
+        f = -(1.0 - best.double())
+        open_rows[rows] = ~_settled(p[rows], log_p[rows], f[rows], known[rows], lam[rows], beta[rows],
+                                    geom_scale[rows])
+    if bool(open_rows.any()):
+        exact = field(members, open_rows)
+        best = torch.where(open_rows.unsqueeze(1), exact, best)
+    return -(1.0 - best.clamp_(-1.0, 1.0).double())
+
+
 def top_w_rule(top: TopN, unit: torch.Tensor, lam, beta, geom_scale, init_top_p, alt_iters: int,
                potential: str = "nearest", stats: TopWStats | None = None):
     """The Top-W keep rule over a :class:`TopN` with "mass" statistics: (φ order [B, m], k [B])."""
@@ -230,16 +300,15 @@ def top_w_rule(top: TopN, unit: torch.Tensor, lam, beta, geom_scale, init_top_p,
     order = torch.arange(m).repeat(batch, 1)
     members = _members(order, k)
 
-    index = top.index.reshape(batch, m).to(unit.device)
+    index = top.index.reshape(batch, m).to(unit.device).cpu()
     nearest = potential == "nearest"
-    field = (_NearestPotential(unit.cpu(), index.cpu(), members) if nearest
-             else _MatchingPotential(unit.cpu(), index.cpu()))
+    field = _NearestPotential(unit.cpu(), index) if nearest else _MatchingPotential(unit.cpu(), index)
     passes = torch.zeros(batch, dtype=torch.long)
     converged = torch.zeros(batch, dtype=torch.bool)
     running = torch.ones(batch, dtype=torch.bool)
-    for step in range(max(1, alt_iters)):
+    for _ in range(max(1, alt_iters)):
         if nearest:
-            f = -(1.0 - field(members, running).clamp_(-1.0, 1.0).double())
+            f = _nearest_f(field, unit, index, p, log_p, members, running, lam, beta, geom_scale)
         else:
             f = field.potential(p, members)
         new_order, new_k = _prefix_scan(p, log_p, f, lam, beta, geom_scale)
