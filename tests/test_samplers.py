@@ -241,3 +241,19 @@ def test_the_two_potentials_differ():
     nearest = torch.isfinite(top_w(x.clone(), unit, lam=lam, top_m=300, potential="nearest"))
     matching = torch.isfinite(top_w(x.clone(), unit, lam=lam, top_m=300, potential="matching"))
     assert not torch.equal(nearest, matching)
+
+
+def test_workspaces_serve_inference_mode_and_normal_calls_alike():
+    """Hosts call samplers under torch.inference_mode (vLLM), tools and tests outside it: the reused
+    workspaces must work in both orders (an inference tensor cannot be written outside the mode)."""
+    from llmgraft.kernels.top_h import top_h
+
+    x = rows_of("random", 4, 3000, seed=17)
+    unit = unit_embeddings(embeddings(3000, 8, seed=1))
+    runs = []
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        with mode():
+            runs.append([torch.isfinite(f(x.clone())) for f in (lambda y: top_w(y, unit, top_m=300),
+                                                                lambda y: p_less(y),
+                                                                lambda y: top_h(y, 0.4, variant="paper"))])
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))

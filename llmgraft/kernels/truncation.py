@@ -160,13 +160,16 @@ def _buffer(shape: tuple[int, ...], device: torch.device, slot: str = "main") ->
     numel = math.prod(shape)
     view = cache.get((slot, shape, device))
     if view is None:
-        storage = cache.get((slot, device))
-        if storage is None or storage.numel() < numel or len(cache) > 256:
-            for key in [k for k in cache if k[0] == slot and k[-1] == device]:
-                del cache[key]  # views of the old storage go with it
-            size = max(numel, 0 if storage is None else storage.numel())
-            storage = cache[(slot, device)] = torch.empty(size, dtype=torch.float32, device=device)
-        view = cache[(slot, shape, device)] = storage[:numel].view(shape)
+        # Never an inference tensor (hosts call samplers under torch.inference_mode, tests and tools do
+        # not), so the same workspace serves both.
+        with torch.inference_mode(False):
+            storage = cache.get((slot, device))
+            if storage is None or storage.numel() < numel or len(cache) > 256:
+                for key in [k for k in cache if k[0] == slot and k[-1] == device]:
+                    del cache[key]  # views of the old storage go with it
+                size = max(numel, 0 if storage is None else storage.numel())
+                storage = cache[(slot, device)] = torch.empty(size, dtype=torch.float32, device=device)
+            view = cache[(slot, shape, device)] = storage[:numel].view(shape)
     return view
 
 
