@@ -32,7 +32,11 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/bench_top_h.py --out benchmarks/results/top_h
+	$(PY) benchmarks/bench_samplers.py --out benchmarks/results/samplers
 	$(PY) benchmarks/bench_decode.py --out benchmarks/results/decode
+	$(VENV)/bin/llmgraft lab --model llmgraft/assets/code-lm --prompts benchmarks/lab_prompts.json \
+		--out benchmarks/results/lab
+	$(PY) benchmarks/bench_server.py --out benchmarks/results/server
 
 clean:
 	rm -rf .scratch demo.png

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .lab import kept_min_p, kept_top_p
 from .metrics import distinct_n, statement_is_valid
 
 #: Statement-level prompts: each completion is judged on the logical line it continues.
@@ -32,19 +33,6 @@ PROMPTS = [
 ]
 
 
-def _kept_top_p(logits, top_p: float):
-    import torch
-    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
-
-    p = torch.full((logits.shape[0],), top_p)
-    return torch.isfinite(apply_top_k_top_p_pytorch(logits.clone(), None, p)).sum(-1)
-
-
-def _kept_min_p(logits, min_p: float):
-    probs = logits.softmax(-1)
-    return (probs >= min_p * probs.amax(-1, keepdim=True)).sum(-1)
-
-
 def _kept_top_h(logits, alpha: float):
     import torch
 
@@ -61,8 +49,8 @@ class DemoSampler:
 
 
 SAMPLERS = [
-    DemoSampler("vLLM top-p 0.9", {"top_p": 0.9}, lambda x: _kept_top_p(x, 0.9)),
-    DemoSampler("vLLM min-p 0.1", {"min_p": 0.1}, lambda x: _kept_min_p(x, 0.1)),
+    DemoSampler("vLLM top-p 0.9", {"top_p": 0.9}, lambda x: kept_top_p(x, 0.9)),
+    DemoSampler("vLLM min-p 0.1", {"min_p": 0.1}, lambda x: kept_min_p(x, 0.1)),
     DemoSampler("llmgraft top-h 0.4", {"extra_args": {"top_h": 0.4}}, lambda x: _kept_top_h(x, 0.4)),
 ]
 

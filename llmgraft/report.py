@@ -94,3 +94,31 @@ def ratio_plot(path: str | Path, groups: Sequence[str], series: dict[str, Sequen
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def frontier_plot(path: str | Path, curves: dict[str, Sequence[tuple[float, float, str]]], title: str,
+                  xlabel: str, ylabel: str) -> Path:
+    """One line per curve through its (x, y) points, each point labelled with its note (the knob value)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    markers = "osD^v<>ph*"
+    for i, (name, points) in enumerate(curves.items()):
+        xs, ys, notes = zip(*points)
+        color = plt.cm.tab10.colors[i % 10]
+        ax.plot(xs, ys, marker=markers[i % len(markers)], color=color, label=name, linewidth=1.2, markersize=5)
+        for x, y, note in points:
+            ax.annotate(note, (x, y), fontsize=6, color=color, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
