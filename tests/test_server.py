@@ -141,3 +141,39 @@ def test_bad_server_config_stops_with_its_reason_last(tmp_path):
     last = log.read_text().rstrip().splitlines()[-1]
     assert last == ("llmgraft: vLLM could not start: invalid --additional-config 'llmgraft' section: "
                     "top_h: alpha must be in (0, 1], got 5.0")
+
+
+def test_server_under_mixed_load(server):
+    """200 concurrent requests mixing no fields, every built-in sampler, a third-party one and invalid
+    parameters: each valid one completes, each invalid one is a 400 naming the field, the server stays up."""
+    from llmgraft.testing.load import fire, mixed_requests, summarise
+
+    base, _ = server
+    requests = mixed_requests(200, seed=1, invalid_share=0.25)
+    assert {tuple(sorted((r.fields or {}).items())) for r in requests if r.status == 400} and \
+        any(r.fields and r.fields.get("llmgraft_sampler") == "top_w" for r in requests)
+    start = time.perf_counter()
+    summary = summarise(fire(base, requests, concurrency=200))
+    seconds = time.perf_counter() - start
+    assert not summary.unexpected, [(o.request, o.status, o.message[:200]) for o in summary.unexpected[:5]]
+    assert sum(n for k, n in summary.by_class.items() if k.startswith("HTTP 400")) == \
+        sum(r.status == 400 for r in requests)
+    with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+        assert r.status == 200
+    status, _ = complete(base, temperature=1.0, vllm_xargs={"llmgraft_sampler": "top_w"})
+    assert status == 200
+    print(f"\n200 mixed requests in {seconds:.1f} s: {dict(summary.by_class)}; "
+          f"p50 {summary.p50:.2f} s, p99 {summary.p99:.2f} s")
+
+
+@pytest.mark.parametrize("fields", [None, {"top_h": 0.6}, {"llmgraft_sampler": "top_w", "top_w": 6.0},
+                                    {"top_nsigma": 1.5}, {"llmgraft_sampler": "p_less"},
+                                    {"llmgraft_sampler": "top_a", "a": 0.3}, {"llmgraft_sampler": "none"}],
+                         ids=["default", "top_h", "top_w", "top_nsigma", "p_less", "top_a", "none"])
+def test_same_seed_same_output(server, fields):
+    """The same request with the same seed, sent alone, gives the same text for every sampler."""
+    base, _ = server
+    extra = {} if fields is None else {"vllm_xargs": fields}
+    first = complete(base, temperature=1.5, max_tokens=24, seed=11, **extra)
+    second = complete(base, temperature=1.5, max_tokens=24, seed=11, **extra)
+    assert first[0] == second[0] == 200 and text(first[1]) == text(second[1])
