@@ -8,7 +8,7 @@ Starts ``python -m vllm.entrypoints.openai.api_server`` on the bundled code LM e
 installed beside it. After a warm-up of 500 requests, it fires ``--requests`` more (``llmgraft.testing.load``:
 20% invalid, 30% streaming, a third of those hanging up after the first chunk), at most ``--concurrency``
 in flight, and reports the outcomes by class, the latency of completed requests, and the server's resident
-memory (API server plus engine core) before and after. Required: 0 unexpected outcomes and RSS growth
+memory (API server plus engine core) before, after each quarter of the load, and after. Required: 0 unexpected outcomes and RSS growth
 <= 20 MB; latency is reported, not bounded.
 """
 
@@ -38,10 +38,22 @@ def _server_argv() -> list[str]:
 
 
 def _rss_mb(pid: int) -> float:
+    return sum(_rss_by_process(pid).values())
+
+
+def _rss_by_process(pid: int) -> dict[str, float]:
+    """Resident MB of the API server and each child (the engine core), by process name."""
     import psutil
 
     process = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20
+    out = {}
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            name = "api server" if p.pid == pid else " ".join(p.cmdline()[:3])[:60] or p.name()
+            out[f"{name} ({p.pid})"] = p.memory_info().rss / 2**20
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 def main() -> None:
@@ -49,6 +61,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--plain", action="store_true",
+                        help="send no llmgraft fields (only the server default): vLLM's own baseline")
     parser.add_argument("--out", help="also write <out>.md")
     args = parser.parse_args()
 
@@ -81,17 +95,25 @@ def main() -> None:
                 if time.time() > deadline:
                     sys.exit("server did not start in 300 s")
                 time.sleep(1)
-        mix = dict(invalid_share=0.2, stream_share=0.3, hang_up_share=1 / 3)
+        mix = dict(invalid_share=0.0 if args.plain else 0.2, stream_share=0.3, hang_up_share=1 / 3,
+                   samplers=not args.plain)
         with tqdm(total=args.warmup, desc="warm-up", unit="req") as bar:
             fire(base, mixed_requests(args.warmup, seed=0, **mix), args.concurrency, progress=bar)
         time.sleep(2)
-        before = _rss_mb(proc.pid)
+        before_by = _rss_by_process(proc.pid)
+        before = sum(before_by.values())
+        requests = mixed_requests(args.requests, seed=1, **mix)
+        quarter = -(-len(requests) // 4)
+        outcomes, rss = [], [before]
         start = time.perf_counter()
         with tqdm(total=args.requests, desc="load", unit="req") as bar:
-            outcomes = fire(base, mixed_requests(args.requests, seed=1, **mix), args.concurrency, progress=bar)
+            for i in range(0, len(requests), quarter):  # RSS after each quarter: a plateau or a slope
+                outcomes += fire(base, requests[i:i + quarter], args.concurrency, progress=bar)
+                rss.append(_rss_mb(proc.pid))
         seconds = time.perf_counter() - start
         time.sleep(2)
-        after = _rss_mb(proc.pid)
+        after_by = _rss_by_process(proc.pid)
+        after = sum(after_by.values())
         with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
             healthy = r.status == 200
     finally:
@@ -109,6 +131,9 @@ def main() -> None:
                ["unexpected outcomes", len(summary.unexpected)],
                ["latency p50 s (completed, not hung up)", summary.p50], ["latency p99 s", summary.p99],
                ["server RSS before MB", before], ["server RSS after MB", after],
+               ["RSS after each quarter MB", " · ".join(f"{r:,.0f}" for r in rss[1:])],
+               *[[f"  {name}: before -> after MB", f"{before_by[name]:,.0f} -> {after_by.get(name, 0):,.0f}"]
+                 for name in before_by],
                ["RSS growth MB (target <= 20)", after - before], ["healthy afterwards", str(healthy)]]
     print()
     print(format_table(["outcome", "count"], rows, title=title))

@@ -14,7 +14,7 @@ from conftest import PLUGIN_INSTALL, ROOT
 from readme_blocks import block, blocks, commands
 
 HANDLED = {"make", "output of make demo", "same as make setup", "output of llmgraft plugins", "run",
-           "server", "plugin install", "run with the plugin installed", "smoke", "layout"}
+           "server", "plugin install", "run with the plugin installed", "smoke", "layout", "lab"}
 
 
 def run(cmd: list[str] | str, env: dict | None = None, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -84,7 +84,10 @@ def test_plugin_install_command_is_the_one_the_tests_run(plugin_site):
 
 SMOKE_ARGS = {"bench_top_h.py": ["--runs", "1", "--repeats", "3", "--batches", "1", "--vocabs", "4096",
                                  "--no-context"],
-              "bench_decode.py": ["--requests", "4", "--max-tokens", "8", "--repeats", "1"]}
+              "bench_samplers.py": ["--runs", "1", "--repeats", "2", "--official-repeats", "1", "--batches", "2",
+                                    "--vocabs", "4096"],
+              "bench_decode.py": ["--requests", "4", "--max-tokens", "8", "--repeats", "1"],
+              "bench_server.py": ["--requests", "60", "--warmup", "10", "--concurrency", "8"]}
 
 
 @pytest.mark.engine
@@ -97,6 +100,20 @@ def test_benchmark_commands_run_small(tmp_path):
         argv[argv.index("--out") + 1] = str(out)  # never overwrite the committed results
         run([sys.executable, *argv[1:], *SMOKE_ARGS[script]], env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
         assert out.with_suffix(".md").stat().st_size > 100
+
+
+@pytest.mark.engine
+def test_lab_command_runs_small(tmp_path):
+    """The README's lab command as written, with every sampler, on fewer points, samples and tokens."""
+    argv = commands(block("lab").code)[0].split()
+    assert argv[:2] == ["llmgraft", "lab"]
+    argv[argv.index("--out") + 1] = str(tmp_path / "lab")
+    out = run([sys.executable, "-m", "llmgraft.cli", *argv[1:], "--quick", "--samples", "1", "--max-tokens", "6"],
+              env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}).stdout
+    table = (tmp_path / "lab" / "lab.md").read_text()
+    for name in ("temperature", "top_p", "min_p", "top_h:reference", "top_h:paper", "top_w", "top_nsigma", "p_less"):
+        assert f"| {name} |" in table
+    assert (tmp_path / "lab" / "frontier.png").stat().st_size > 10_000 and "matches or beats min-p" in out
 
 
 def test_layout_lists_real_folders():

@@ -257,3 +257,12 @@ def test_workspaces_serve_inference_mode_and_normal_calls_alike():
                                                                 lambda y: p_less(y),
                                                                 lambda y: top_h(y, 0.4, variant="paper"))])
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+
+
+def test_p_less_in_row_chunks_equals_one_pass(monkeypatch):
+    import llmgraft.kernels.thresholds as module
+
+    x = rows_of("random", 7, 3000, seed=19)
+    whole = torch.isfinite(p_less(x.clone(), order=3.0))
+    monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 2 * 3000)  # two rows per chunk, the last one alone
+    assert torch.equal(torch.isfinite(p_less(x.clone(), order=3.0)), whole)

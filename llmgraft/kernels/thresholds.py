@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .truncation import _buffer, truncate_threshold
+from .truncation import _CHUNK_ELEMENTS, _buffer, truncate_threshold
 
 P_LESS_VARIANTS = ("p_less", "p_less_norm")
 
@@ -59,11 +59,20 @@ def top_nsigma(logits: torch.Tensor, n: torch.Tensor | float = 1.0, ddof: int = 
 
 
 def _exp_sums(x: torch.Tensor, row_max: torch.Tensor, order: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """S_1 = Σ exp(t) and S_k = Σ exp(k·t), t = x − max, per row (float32 workspace, ``x`` untouched)."""
-    e = torch.sub(x, row_max.unsqueeze(1), out=_buffer(tuple(x.shape), x.device)).exp_()
-    s1 = e.sum(-1)
-    sk = e.square_().sum(-1) if order == 2.0 else e.pow_(order).sum(-1)
-    return s1, sk
+    """S_1 = Σ exp(t) and S_k = Σ exp(k·t), t = x − max, per row (``x`` untouched).
+
+    Through the shared float32 workspace, in row chunks of at most ``_CHUNK_ELEMENTS``, so that the memory
+    it keeps is bounded whatever the batch and vocabulary."""
+    rows = max(1, _CHUNK_ELEMENTS // x.shape[1])
+    parts = []
+    for i in range(0, x.shape[0], rows):
+        chunk = x[i:i + rows]
+        e = torch.sub(chunk, row_max[i:i + rows].unsqueeze(1), out=_buffer(tuple(chunk.shape), x.device)).exp_()
+        s1 = e.sum(-1)
+        parts.append((s1, e.square_().sum(-1) if order == 2.0 else e.pow_(order).sum(-1)))
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
 
 
 def p_less(logits: torch.Tensor, variant: str = "p_less", order: float = 2.0) -> torch.Tensor:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .truncation import TopN, _buffer, truncate_top_n
+from .truncation import TopN, truncate_top_n
 
 POTENTIALS = ("nearest", "matching")
 _EPS = 1e-12
@@ -154,9 +154,9 @@ class _NearestPotential:
         m, width = self.index.shape[1], self.unit.shape[1]
         for a, b in _groups(count[needing]):
             rows = needing[a:b]
-            # Into a reused workspace: a fresh [g·m, d] allocation is page-faulted on every call (5x slower).
-            workspace = _buffer((len(rows) * m, width), self.unit.device, "top_w_pool")
-            vectors = torch.index_select(self.unit, 0, self.index[rows].reshape(-1), out=workspace).view(-1, m, width)
+            # Fresh memory, not a kept workspace: this path is rare, and a workspace sized for its largest
+            # batch would stay resident in a server for good.
+            vectors = self.unit.index_select(0, self.index[rows].reshape(-1)).view(-1, m, width)
             positions, valid = _first_positions(new.index_select(0, rows))
             sims = torch.bmm(vectors, _rows_at(vectors, positions).transpose(1, 2))  # [g, m, K]
             self.blocks.append((rows, positions.masked_fill(~valid, -1), sims))
@@ -185,8 +185,7 @@ class _NearestPotential:
                 by_members = picked.masked_fill_(~ok.unsqueeze(1), -torch.inf).amax(2)
             part = torch.full(here.shape, -torch.inf)
             if bool((valid & ~in_s).any()):  # each outside token's own column, max over S
-                masked = torch.where(here.unsqueeze(2), sims, _NEG_INF,
-                                     out=_buffer(tuple(sims.shape), sims.device, "top_w"))
+                masked = torch.where(here.unsqueeze(2), sims, _NEG_INF)
                 own = torch.where(valid & ~in_s, masked.amax(1), -torch.inf)  # [g, K]
                 part.scatter_reduce_(1, positions.clamp(min=0), own, "amax")
             best[rows] = torch.maximum(best[rows], torch.maximum(by_members, part))

@@ -58,17 +58,19 @@ class Outcome:
 
 def mixed_requests(count: int, seed: int = 0, invalid_share: float = 0.2, stream_share: float = 0.0,
                    hang_up_share: float = 0.0, samplers: bool = True) -> list[Request]:
-    """``count`` requests drawn from the mix above (every kind at least once when ``count`` allows)."""
+    """``count`` requests drawn from the mix above (every kind at least once when ``count`` allows); without
+    ``samplers``, valid requests carry no llmgraft field (the server default applies)."""
     rng = random.Random(seed)
-    kinds: list[Request] = [Request(f if samplers else None, 200) for f in VALID]
-    kinds += [Request(f, 400, frag) for f, frag in INVALID]
+    kinds: list[Request] = [Request(f, 200) for f in VALID] if samplers else [Request(None, 200)]
+    if invalid_share > 0:
+        kinds += [Request(f, 400, frag) for f, frag in INVALID]
     out = [kinds[i] for i in range(min(count, len(kinds)))]
     while len(out) < count:
         if rng.random() < invalid_share:
             f, frag = rng.choice(INVALID)
             out.append(Request(f, 400, frag))
         else:
-            out.append(Request(rng.choice(VALID), 200))
+            out.append(Request(rng.choice(VALID) if samplers else None, 200))
     for i, r in enumerate(out):
         r.seed = i
         if r.status == 200 and rng.random() < stream_share:
