@@ -104,7 +104,7 @@ def main() -> None:
         ratio_of[name] = statistics.median(ratios)
         kept = passes = "-"
         if "top-w" in name:  # replay 8 completions through the same kernel for |S| and passes
-            stats = TopWStats(None, None, None)
+            stats = TopWStats()
             logits = torch.cat([l for o in last[name][:8] for l, _ in completion_logits(hf_model, o)])
             top_w(logits / configs[name][0], unit, stats=stats)
             kept, passes = float(stats.kept.float().mean()), float(stats.passes.float().mean())

@@ -79,7 +79,7 @@ def main() -> None:
             def spread(values):
                 return f"{values[0]:.2f} · {statistics.median(values):.2f} · {values[-1]:.2f}"
 
-            stats = TopWStats(None, None, None)
+            stats = TopWStats()
             top_w(x.clone(), unit, stats=stats)
             speedup, sigma, less = ratio("official", "top_w"), ratio("min_p", "top_nsigma"), ratio("min_p", "p_less")
             rows.append([batch, vocab, ms["official"], ms["top_w"], spread(speedup), ms["top_h"],

@@ -72,7 +72,7 @@ def embeddings(vocab: int, width: int, seed: int) -> torch.Tensor:
 
 def assert_top_w_matches(x: torch.Tensor, table: torch.Tensor, top_m: int, potential: str = "nearest",
                          **per_row) -> TopWStats:
-    stats = TopWStats(None, None, None)
+    stats = TopWStats()
     out = top_w(x.clone(), unit_embeddings(table), top_m=top_m, potential=potential, stats=stats,
                 **{k: torch.tensor(v) for k, v in per_row.items()})
     for b in range(len(x)):

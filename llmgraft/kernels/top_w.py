@@ -69,9 +69,9 @@ def unit_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
 class TopWStats:
     """What one call learnt per row: passes run, whether S repeated, and the kept-set size."""
 
-    passes: torch.Tensor
-    converged: torch.Tensor
-    kept: torch.Tensor
+    passes: torch.Tensor | None = None
+    converged: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
 
 
 def _column(value, rows: int) -> torch.Tensor:
@@ -198,11 +198,12 @@ class _MatchingPotential:
     def __init__(self, unit: torch.Tensor, index: torch.Tensor):
         vectors = unit.index_select(0, index.reshape(-1)).view(*index.shape, -1)
         cos = torch.bmm(vectors, vectors.transpose(1, 2)).clamp_(-1.0, 1.0)
-        self.distance = (2.0 - 2.0 * cos).clamp_(min=0.0).sqrt_()  # float32, as the official code
-        self.distance.diagonal(dim1=1, dim2=2).zero_()
+        distance = (2.0 - 2.0 * cos).clamp_(min=0.0).sqrt_()  # float32, as the official code
+        distance.diagonal(dim1=1, dim2=2).zero_()
+        self.distance = distance.double()  # the official matching sums run in float64
 
     def potential(self, p: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-        distance = self.distance.double()
+        distance = self.distance
         gamma = (p * members).sum(1, keepdim=True).clamp(_EPS, 1.0 - _EPS)
         a = torch.where(members, p / gamma, 0.0)
         b = torch.where(members, 0.0, p / (1.0 - gamma).clamp(_EPS, 1.0))
