@@ -237,3 +237,28 @@ def hf_model_embeddings(path) -> torch.Tensor:
 
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         return f.get_tensor("model.embed_tokens.weight").float()
+
+
+def test_top_w_as_the_engines_default_sampler(llm, hf_model):
+    """--additional-config '{"llmgraft": {"sampler": "top_w", ...}}': rows without fields get Top-W, read
+    with the engine's own embeddings; per-row beta from a request overrides the default."""
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from llmgraft.integrations.vllm import GraftSampling
+    from llmgraft.kernels.top_w import top_w, unit_embeddings
+
+    config = copy.copy(llm.llm_engine.vllm_config)
+    config.additional_config = {"llmgraft": {"sampler": "top_w", "top_w": 6.0, "lam": 1.0}}
+    proc = GraftSampling(config, torch.device("cpu"), False)
+    vocab = hf_model.get_input_embeddings().weight.shape[0]
+    x = torch.randn(3, vocab, generator=torch.Generator().manual_seed(2)) * 3
+    added = [(0, SamplingParams(temperature=1.0), None, []),
+             (1, SamplingParams(temperature=1.0, extra_args={"top_w": 9.0}), None, []),
+             (2, SamplingParams(temperature=1.0, extra_args={"llmgraft_sampler": "none"}), None, [])]
+    proc.update_state(BatchUpdate(batch_size=3, removed=[], added=added, moved=[]))
+    out = proc.apply(x.clone())
+    unit = unit_embeddings(hf_model.get_input_embeddings().weight)
+    assert torch.equal(torch.isfinite(out[0]), torch.isfinite(top_w(x[:1].clone(), unit, beta=6.0, lam=1.0)[0]))
+    assert torch.equal(torch.isfinite(out[1]), torch.isfinite(top_w(x[1:2].clone(), unit, beta=9.0, lam=1.0)[0]))
+    assert torch.equal(out[2], x[2])
