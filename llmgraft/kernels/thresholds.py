@@ -19,6 +19,7 @@ them there, so float rounding can never drop the argmax.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .truncation import _CHUNK_ELEMENTS, _buffer, truncate_threshold
@@ -33,17 +34,45 @@ def _as_column(values, like: torch.Tensor) -> torch.Tensor | float:
 
 
 def _finite_std(x: torch.Tensor, ddof: int) -> torch.Tensor:
-    """σ of each row over its finite entries (rows here have a finite maximum; NaN was made -inf)."""
-    std = torch.std(x, dim=-1, correction=ddof)
-    masked = torch.isnan(std)  # a -inf entry makes the plain σ NaN: recompute those rows over finite entries
+    """σ of each row over its finite entries (rows here have a finite maximum; NaN was made -inf).
+
+    Two passes through the float32 workspace, in row chunks: the mean (accumulated in float64), then
+    Σ(x − mean)² (no cancellation); 5-10x faster than ``torch.std`` on the CPU. Rows holding -inf come out
+    non-finite and are redone over their finite entries only."""
+    batch, vocab = x.shape
+    if vocab <= ddof:
+        return torch.zeros(batch, dtype=torch.float32, device=x.device)
+    rows = max(1, _CHUNK_ELEMENTS // vocab)
+    parts = []
+    for i in range(0, batch, rows):
+        chunk = x[i:i + rows].float()
+        mean = (chunk.sum(-1, dtype=torch.float64) / vocab).float()
+        deviation = torch.sub(chunk, mean.unsqueeze(1), out=_buffer(tuple(chunk.shape), x.device))
+        parts.append(deviation.square_().sum(-1))
+    std = (parts[0] if len(parts) == 1 else torch.cat(parts)).div_(vocab - ddof).sqrt_()
+    masked = ~torch.isfinite(std)
     if bool(masked.any()):
-        rows = x[masked]
-        finite = torch.isfinite(rows)
+        rows_ = x[masked].float()
+        finite = torch.isfinite(rows_)
         count = finite.sum(-1)
-        zero = torch.zeros((), dtype=rows.dtype)
-        mean = torch.where(finite, rows, zero).sum(-1) / count
-        square = torch.where(finite, (rows - mean.unsqueeze(1)) ** 2, zero).sum(-1)
+        zero = torch.zeros((), dtype=rows_.dtype)
+        mean = torch.where(finite, rows_, zero).sum(-1) / count
+        square = torch.where(finite, (rows_ - mean.unsqueeze(1)) ** 2, zero).sum(-1)
         std[masked] = torch.where(count > ddof, square / (count - ddof).clamp(min=1), zero).sqrt()
+    return std
+
+
+def _finite_std_numpy(x: np.ndarray, ddof: int) -> np.ndarray:
+    """:func:`_finite_std` for a small float32 array (numpy's std is two-pass, without cancellation)."""
+    if x.shape[1] <= ddof:
+        return np.zeros(x.shape[0], dtype=np.float32)
+    std = x.std(axis=1, ddof=ddof)
+    masked = ~np.isfinite(std)
+    if masked.any():
+        rows = np.where(np.isfinite(x[masked]), x[masked], np.nan)
+        count = np.isfinite(rows).sum(1)
+        spread = np.nanstd(rows, axis=1, ddof=ddof) if rows.shape[1] else np.zeros(len(rows))
+        std[masked] = np.where(count > ddof, spread, 0.0)
     return std
 
 
@@ -52,7 +81,10 @@ def top_nsigma(logits: torch.Tensor, n: torch.Tensor | float = 1.0, ddof: int = 
     if ddof not in (0, 1):
         raise ValueError(f"top_nsigma ddof must be 0 or 1, got {ddof!r}")
 
-    def threshold(x: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    def threshold(x, row_max, xp):
+        if xp is np:
+            factor = n if isinstance(n, (int, float)) else n.detach().cpu().numpy()
+            return row_max - factor * _finite_std_numpy(x, ddof)
         return row_max - _as_column(n, row_max) * _finite_std(x, ddof)
 
     return truncate_threshold(logits, threshold)
@@ -86,16 +118,20 @@ def p_less(logits: torch.Tensor, variant: str = "p_less", order: float = 2.0) ->
     if logits.dtype != torch.float32:  # the workspace is float32; other dtypes go through a float32 copy
         return logits.copy_(p_less(logits.float(), variant, order))
 
-    def threshold(x: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
-        s1, sk = _exp_sums(x, row_max, order)
-        log_s1 = s1.log()
+    def threshold(x, row_max, xp):
+        if xp is np:
+            e = np.exp(x - row_max[:, None])
+            s1, sk = e.sum(1), (np.einsum("ij,ij->i", e, e) if order == 2.0 else (e ** order).sum(1))
+        else:
+            s1, sk = _exp_sums(x, row_max, order)
+        log_s1 = xp.log(s1)
         if variant == "p_less":
-            return row_max + (sk.log() - log_s1) / (order - 1.0)
+            return row_max + (xp.log(sk) - log_s1) / (order - 1.0)
         vocab = x.shape[1]
         if vocab == 1:
             return row_max
         # p ≥ (V·S_2/S_1² − 1)/(V − 1); a non-positive bound (a uniform row) keeps every finite token.
-        bound = (vocab * sk / s1.square() - 1.0) / (vocab - 1)
-        return torch.where(bound > 0, row_max + bound.log() + log_s1, torch.full_like(row_max, -torch.inf))
+        bound = (vocab * sk / (s1 * s1) - 1.0) / (vocab - 1)
+        return xp.where(bound > 0, row_max + xp.log(bound) + log_s1, -np.inf)
 
     return truncate_threshold(logits, threshold)

@@ -322,21 +322,35 @@ def _restore_posinf(logits: torch.Tensor, posinf: tuple[torch.Tensor, torch.Tens
         logits[rows] = torch.where(where, 0.0, NEG_INF).to(logits.dtype)
 
 
-def truncate_threshold(logits: torch.Tensor,
-                       threshold: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+#: Up to this many logits per call (float32, CPU), :func:`truncate_threshold` runs its rule on numpy views:
+#: there a call is a dozen small operations, and numpy's per-operation cost is a third of torch's.
+_NUMPY_MAX_LOGITS = 1 << 16
+
+
+def truncate_threshold(logits: torch.Tensor, threshold: Callable[[Any, Any, ModuleType], Any]) -> torch.Tensor:
     """Keep, in each row, every logit at or above the row's threshold, in place.
 
-    ``threshold(rows, row_max)`` receives the rows (bad-logit policy applied: NaN is -inf, no +inf; rows
-    may hold -inf) and their maxima [B], and returns [B] thresholds in logit units; it must not modify
-    ``rows``. A threshold above the maximum, or NaN, keeps just the maximum, so every row keeps its argmax.
-    Rows with +inf logits keep exactly those (as 0) and rows with no finite logit stay all -inf, whatever
-    the rule says. Costs one pass for the maxima, the rule's passes, and one masking pass.
+    ``threshold(rows, row_max, xp)`` receives the rows (bad-logit policy applied: NaN is -inf, no +inf;
+    rows may hold -inf) and their maxima [B] as arrays of ``xp`` (numpy for small float32 CPU inputs,
+    else torch), and returns [B] thresholds in logit units; it must not modify ``rows``. A threshold
+    above the maximum, or NaN, keeps just the maximum, so every row keeps its argmax. Rows with +inf
+    logits keep exactly those (as 0) and rows with no finite logit stay all -inf, whatever the rule says.
+    Costs one pass for the maxima, the rule's passes, and one masking pass.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
     if logits.shape[0] == 0 or logits.shape[1] == 0:
         return logits
     with torch.no_grad():
+        if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous()
+                and logits.numel() <= _NUMPY_MAX_LOGITS):
+            x = logits.numpy()
+            top = x.max(axis=1)  # NaN and +inf propagate through the maximum
+            if np.isfinite(top).all():  # else the policy below, through torch
+                with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                    bound = np.asarray(threshold(x, top, np), dtype=np.float32)
+                    x[x < np.where(bound <= top, bound, top)[:, None]] = NEG_INF
+                return logits
         row_max = logits.amax(dim=-1)
         ruled = torch.isfinite(row_max)  # NaN and +inf propagate through the maximum
         if not bool(ruled.all()):
@@ -347,7 +361,7 @@ def truncate_threshold(logits: torch.Tensor,
             # Rows that held +inf keep exactly those tokens; rows with no finite logit stay all -inf.
             ruled = torch.isfinite(row_max)
             ruled[rows[has_posinf]] = False
-        bound = threshold(logits, row_max)
+        bound = threshold(logits, row_max, torch)
         # Policy rows bypass the rule; NaN and too-high thresholds keep just the maximum.
         bound = torch.where(ruled & (bound <= row_max), bound.to(row_max.dtype), row_max)
         logits.masked_fill_(logits < bound.unsqueeze(1), NEG_INF)
