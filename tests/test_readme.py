@@ -84,8 +84,8 @@ def test_plugin_install_command_is_the_one_the_tests_run(plugin_site):
 
 SMOKE_ARGS = {"bench_top_h.py": ["--runs", "1", "--repeats", "3", "--batches", "1", "--vocabs", "4096",
                                  "--no-context"],
-              "bench_samplers.py": ["--runs", "1", "--repeats", "2", "--official-repeats", "1", "--batches", "2",
-                                    "--vocabs", "4096"],
+              "bench_samplers.py": ["--runs", "1", "--repeats", "2", "--official-repeats", "1", "--threshold-repeats",
+                                    "2", "--batches", "2", "--vocabs", "4096"],
               "bench_decode.py": ["--requests", "4", "--max-tokens", "8", "--repeats", "1"],
               "bench_server.py": ["--requests", "60", "--warmup", "10", "--concurrency", "8"]}
 

@@ -124,9 +124,9 @@ def p_less(logits: torch.Tensor, variant: str = "p_less", order: float = 2.0) ->
             s1, sk = e.sum(1), (np.einsum("ij,ij->i", e, e) if order == 2.0 else (e ** order).sum(1))
         else:
             s1, sk = _exp_sums(x, row_max, order)
-        log_s1 = xp.log(s1)
         if variant == "p_less":
-            return row_max + (xp.log(sk) - log_s1) / (order - 1.0)
+            return row_max + xp.log(sk / s1) / (order - 1.0)
+        log_s1 = xp.log(s1)
         vocab = x.shape[1]
         if vocab == 1:
             return row_max

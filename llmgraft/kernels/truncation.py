@@ -353,14 +353,16 @@ def truncate_threshold(logits: torch.Tensor, threshold: Callable[[Any, Any, Modu
                 return logits
         row_max = logits.amax(dim=-1)
         ruled = torch.isfinite(row_max)  # NaN and +inf propagate through the maximum
-        if not bool(ruled.all()):
-            rows = (~ruled).nonzero().squeeze(1)
-            clean, has_posinf, _ = _clean(logits[rows])
-            logits[rows] = clean
-            row_max[rows] = clean.amax(dim=-1)
-            # Rows that held +inf keep exactly those tokens; rows with no finite logit stay all -inf.
-            ruled = torch.isfinite(row_max)
-            ruled[rows[has_posinf]] = False
+        if bool(ruled.all()):  # the common case: fmin also turns a NaN threshold into the maximum
+            bound = torch.fmin(threshold(logits, row_max, torch).to(row_max.dtype), row_max)
+            return logits.masked_fill_(logits < bound.unsqueeze(1), NEG_INF)
+        rows = (~ruled).nonzero().squeeze(1)
+        clean, has_posinf, _ = _clean(logits[rows])
+        logits[rows] = clean
+        row_max[rows] = clean.amax(dim=-1)
+        # Rows that held +inf keep exactly those tokens; rows with no finite logit stay all -inf.
+        ruled = torch.isfinite(row_max)
+        ruled[rows[has_posinf]] = False
         bound = threshold(logits, row_max, torch)
         # Policy rows bypass the rule; NaN and too-high thresholds keep just the maximum.
         bound = torch.where(ruled & (bound <= row_max), bound.to(row_max.dtype), row_max)
