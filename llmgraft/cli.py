@@ -5,6 +5,9 @@
     llmgraft demo samplers           a quick sampler lab on the bundled code LM (every sampler's frontier)
     llmgraft lab --model DIR --prompts FILE --samplers top_p,min_p,top_h,top_w,top_nsigma,p_less
                                      sweep each sampler's knob on your model: table and frontier plot
+    llmgraft merge --method mwa|tall|consensus|ties|task_arithmetic|uniform [--base B] IN... --out O
+                                     merge full checkpoints (safetensors), streamed, written atomically
+    llmgraft tall build --base B IN... --out STORE  /  llmgraft tall rebuild STORE --task T --out O
 """
 
 from __future__ import annotations
@@ -67,6 +70,62 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _assignments(pairs: list[str] | None, what: str) -> dict:
+    """``key=value`` pairs; values parsed as JSON when they can be (numbers, true/false), else strings."""
+    import json
+
+    from .hooks.errors import ParamError
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ParamError(f"{what} {pair!r} is not key=value")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _per_input_values(args: argparse.Namespace, count: int) -> list[dict] | None:
+    from .hooks.errors import ParamError
+
+    columns = {"loss": args.losses, "step": args.steps, "weight": args.weights, "lam": getattr(args, "lams", None)}
+    given = {k: v for k, v in columns.items() if v}
+    if not given:
+        return None
+    for key, values in given.items():
+        if len(values) != count:
+            raise ParamError(f"--{key}s has {len(values)} values for {count} inputs")
+    return [{k: v[i] for k, v in given.items()} for i in range(count)]
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .offline.merge import merge_checkpoints
+
+    method = args.method.replace("-", "_")
+    report = merge_checkpoints(method, args.inputs, args.out, base=args.base,
+                               params=_assignments(args.set, "--set"),
+                               per_input=_per_input_values(args, len(args.inputs)), force=args.force)
+    print(f"merged {report['merged_tensors']} tensors of {len(args.inputs)} inputs with {report['method']} "
+          f"in {report['seconds']:.1f} s -> {args.out}")
+    return 0
+
+
+def cmd_tall(args: argparse.Namespace) -> int:
+    from .offline.merge import build_tall, rebuild_tall
+
+    if args.tall_command == "build":
+        manifest = build_tall(args.base, args.inputs, args.out, lam=args.lam, lams=args.lams, force=args.force)
+        kept = ", ".join(f"{100 * k:.1f}%" for k in manifest["kept_fraction"])
+        print(f"TALL store of {len(args.inputs)} tasks -> {args.out} (lambda {manifest['lams']}; mask density {kept})")
+    else:
+        rebuild_tall(args.store, args.task, args.out, base=args.base, force=args.force)
+        print(f"task {args.task} rebuilt -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmgraft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,6 +158,38 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--quick", action="store_true", help="every other point of each sweep")
     lab.add_argument("--seed", type=int, default=0, help="sampling seed")
     lab.set_defaults(func=cmd_lab)
+
+    merge = sub.add_parser("merge", help="merge full checkpoints (safetensors), streamed and atomic",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    merge.add_argument("--method", required=True,
+                       help="a registered merger: uniform, mwa, task_arithmetic, ties, consensus (llmgraft plugins)")
+    merge.add_argument("--base", help="the base model directory (task-vector methods need it)")
+    merge.add_argument("inputs", nargs="+", help="input checkpoint directories")
+    merge.add_argument("--out", required=True, help="output model directory")
+    merge.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method parameter, e.g. density=0.2")
+    merge.add_argument("--losses", type=float, nargs="+", help="per-input loss (mwa; else trainer_state.json)")
+    merge.add_argument("--steps", type=float, nargs="+", help="per-input step (mwa; else trainer_state.json)")
+    merge.add_argument("--weights", type=float, nargs="+", help="per-input task-vector weights")
+    merge.add_argument("--force", action="store_true", help="replace an existing output")
+    merge.set_defaults(func=cmd_merge)
+
+    tall = sub.add_parser("tall", help="TALL masks: build a compressed multi-task store, rebuild a task")
+    tall_sub = tall.add_subparsers(dest="tall_command", required=True)
+    build = tall_sub.add_parser("build", help="tau_MTL plus one bit-packed mask per task",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    build.add_argument("--base", required=True, help="the base model directory")
+    build.add_argument("inputs", nargs="+", help="one fine-tuned checkpoint per task")
+    build.add_argument("--out", required=True, help="the store directory")
+    build.add_argument("--lam", type=float, default=0.4, help="mask threshold lambda for every task")
+    build.add_argument("--lams", type=float, nargs="+", help="one lambda per task (overrides --lam)")
+    build.add_argument("--force", action="store_true", help="replace an existing store")
+    rebuild = tall_sub.add_parser("rebuild", help="write one task's model from a store")
+    rebuild.add_argument("store", help="a store written by llmgraft tall build")
+    rebuild.add_argument("--task", type=int, required=True, help="task index (order of build's inputs)")
+    rebuild.add_argument("--out", required=True, help="output model directory")
+    rebuild.add_argument("--base", help="the base model (default: the one the store records)")
+    rebuild.add_argument("--force", action="store_true", help="replace an existing output")
+    tall.set_defaults(func=cmd_tall)
     return parser
 
 

@@ -35,6 +35,11 @@ def _like(registry: Registry, family: str, name: str, **methods) -> object:
     attributes = {k: getattr(original, k) for k in ("name", "description", "params_cls")}
     if family == "sampler":
         attributes["primary"], attributes["needs"] = original.primary, original.needs
+    if family == "merger":
+        for attribute in ("needs_base", "elementwise", "input_values", "outputs", "merged_is"):
+            attributes[attribute] = getattr(original, attribute)
+        attributes["check_inputs"] = lambda self, *a: original.check_inputs(*a)
+        attributes["tensor_stats"] = lambda self, *a: original.tensor_stats(*a)
     for op in ("apply", "merge", "select", "keep", "run", "init_state", "delta_weight"):
         if hasattr(original, op):
             attributes[op] = (lambda f: lambda self, *a: f(*a))(methods.get(op, getattr(original, op)))
@@ -51,6 +56,12 @@ def _first_row_params(top_a):
     return lambda logits, params: top_a.apply(logits, SimpleNamespace(a=params.a[:1].expand(len(params.a))))
 
 
+def _merge_chunk_blind(ties):
+    """TIES that ignores the whole-tensor statistics: its trim then depends on the chunk (not elementwise)."""
+    return lambda name, base, inputs, per_input, params: ties.merge(
+        name, base, inputs, [{k: v for k, v in d.items() if k != "threshold"} for d in per_input], params)
+
+
 def _write_pickle(optimizer):
     def run(src, dst, params):
         report = optimizer.run(src, dst, params)
@@ -63,7 +74,9 @@ BROKEN = [
     ("sampler", "top_h", lambda r: {"apply": _drop_argmax}, "keeps each row's argmax"),
     ("sampler", "top_h", lambda r: {"apply": lambda logits, params: logits}, "no NaN or \\+inf"),
     ("sampler", "top_a", lambda r: {"apply": _first_row_params(r.get("sampler", "top_a"))}, "rows one by one"),
-    ("merger", "mean", lambda r: {"merge": lambda base, ts, p: ts[0].mul_(2)}, "inputs are not modified"),
+    ("merger", "uniform", lambda r: {"merge": lambda name, base, ts, per, p: {"merged": ts[0].mul_(2)}},
+     "inputs are not modified"),
+    ("merger", "ties", lambda r: {"merge": _merge_chunk_blind(r.get("merger", "ties"))}, "row chunks"),
     ("attention", "last_k", lambda r: {"select": lambda q, k, p: torch.tensor([3, 1])}, "sorted"),
     ("kv_manager", "recent", lambda r: {"keep": lambda k, v, p: torch.tensor([11, 12])}, r"lie in \[0, 12\)"),
     ("optimizer", "copy", lambda r: {"run": _write_pickle(r.get("optimizer", "copy"))}, "no pickled weights"),

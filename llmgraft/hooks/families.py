@@ -85,13 +85,41 @@ def needs_of(sampler: Any) -> tuple[str, ...]:
 
 
 class Merger(Method):
-    """Merge one tensor across checkpoints: ``merge(base, tensors, params) -> merged`` (first sketch).
+    """Merge one named tensor across N input checkpoints or adapters.
 
-    ``base`` is the pre-trained tensor (or None) and ``tensors`` the fine-tuned versions of that same
-    tensor. Pure: inputs are not modified.
+    ``merge(name, base, inputs, per_input, params)`` receives the tensor's ``name`` (so a method may treat
+    embeddings or norms apart), the base model's tensor ``base`` (None when there is none), the N inputs'
+    tensors (same shape), and ``per_input``: one mapping per input of the values the method declared in
+    ``input_values`` (MWA: a checkpoint's loss or step) plus what ``tensor_stats`` returned for that input.
+    It returns ``{"merged": tensor}`` (the inputs' shape and dtype) plus, for each name in ``outputs``, one
+    tensor per input as ``"<output>/<i>"`` (TALL: its masks). Pure: inputs are not modified.
+
+    Drivers (full checkpoints, PEFT adapters) know no method: they call ``check_inputs`` once, then, per
+    tensor, ``tensor_stats`` on each whole input, then ``merge`` on the whole tensor or, for ``elementwise``
+    methods, on row chunks of it (so memory stays bounded for any N).
     """
 
-    def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], params: Params) -> torch.Tensor:
+    #: True when the method needs the base (task vectors); drivers then refuse to run without one.
+    needs_base: ClassVar[bool] = False
+    #: True when merging row chunks gives the chunks of the merge (given ``tensor_stats`` of whole tensors).
+    elementwise: ClassVar[bool] = True
+    #: Per-input values the method reads, with what they mean (shown by ``llmgraft plugins``).
+    input_values: ClassVar[dict[str, str]] = {}
+    #: Extra per-input outputs besides "merged" (TALL: ("mask",)); booleans are stored bit-packed.
+    outputs: ClassVar[tuple[str, ...]] = ()
+    #: What "merged" is: "model" (weights to load) or "task_vector" (to add to the base: TALL's τ_MTL).
+    merged_is: ClassVar[str] = "model"
+
+    def check_inputs(self, per_input: list[dict[str, Any]], params: Params) -> None:
+        """Raise ``ParamError`` when the per-input values cannot drive this merge (missing, non-positive)."""
+
+    def tensor_stats(self, name: str, base: torch.Tensor | None, tensor: torch.Tensor, params: Params
+                     ) -> dict[str, float]:
+        """Statistics of one whole input tensor that row chunks need (TIES: its trim threshold)."""
+        return {}
+
+    def merge(self, name: str, base: torch.Tensor | None, inputs: list[torch.Tensor],
+              per_input: list[dict[str, Any]], params: Params) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 

@@ -146,19 +146,53 @@ def check_sampler(sampler: Any) -> None:
 # ---- the five families whose real methods come later (first-sketch operations) ------------------------------
 
 
+def _merge_all(merger: Any, name: str, base, inputs, per_input, params) -> dict:
+    """What a driver does for one tensor: whole-tensor statistics per input, then the merge."""
+    stats = [merger.tensor_stats(name, base, t, params) for t in inputs]
+    return merger.merge(name, base, inputs, [{**v, **s} for v, s in zip(per_input, stats)], params)
+
+
 def check_merger(merger: Any) -> None:
     params = default_params(merger)
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(6, 4, generator=gen)
     inputs = [base + 0.1 * torch.randn(6, 4, generator=gen) for _ in range(3)]
+    per_input = [{key: 1.0 + 0.5 * i for key in merger.input_values} for i in range(len(inputs))]
     copies = [t.clone() for t in inputs]
-    for b in (base, None):
-        out = merger.merge(b, inputs, params)
-        _require(isinstance(out, torch.Tensor) and out.shape == base.shape and out.dtype == base.dtype, merger,
-                 "merge returns a tensor of the inputs' shape and dtype")
-        _require(bool(torch.isfinite(out).all()), merger, "finite inputs merge to finite values")
-        _require(torch.equal(merger.merge(b, inputs, params), out), merger, "merging is deterministic")
+    name = "model.layers.0.mlp.up_proj.weight"
+    merger.check_inputs(per_input, params)
+    expected = {"merged"} | {f"{o}/{i}" for o in merger.outputs for i in range(len(inputs))}
+    _require(merger.merged_is in ("model", "task_vector"), merger, "merged_is is 'model' or 'task_vector'")
+
+    out = _merge_all(merger, name, base, inputs, per_input, params)
+    _require(isinstance(out, dict) and set(out) == expected, merger,
+             f"merge returns exactly the outputs {sorted(expected)} (got {sorted(out) if isinstance(out, dict) else out})")
+    merged = out["merged"]
+    _require(isinstance(merged, torch.Tensor) and merged.shape == base.shape and merged.dtype == base.dtype, merger,
+             "'merged' has the inputs' shape and dtype")
+    _require(all(out[k].shape == base.shape for k in expected), merger, "every output has the inputs' shape")
+    _require(bool(torch.isfinite(merged).all()), merger, "finite inputs merge to finite values")
+    again = _merge_all(merger, name, base, inputs, per_input, params)
+    _require(all(torch.equal(again[k], out[k]) for k in expected), merger, "merging is deterministic")
     _require(all(torch.equal(a, b) for a, b in zip(inputs, copies)), merger, "inputs are not modified")
+    if merger.elementwise:
+        stats = [merger.tensor_stats(name, base, t, params) for t in inputs]
+        rows = [{**v, **s} for v, s in zip(per_input, stats)]
+        parts = [merger.merge(name, base[a:b], [t[a:b] for t in inputs], rows, params) for a, b in ((0, 2), (2, 6))]
+        _require(all(torch.equal(torch.cat([p[k] for p in parts]), out[k]) for k in expected), merger,
+                 "an elementwise merger merges row chunks to the chunks of the whole merge")
+    if merger.needs_base:
+        try:
+            merger.merge(name, None, inputs, per_input, params)
+        except (ValueError, LLMGraftError):
+            pass
+        else:
+            _require(False, merger, "a merger that needs the base says so when it gets none")
+    else:
+        _require(_merge_all(merger, name, None, inputs, per_input, params)["merged"].shape == base.shape, merger,
+                 "a merger that needs no base merges without one")
+    low = _merge_all(merger, name, base.bfloat16(), [t.bfloat16() for t in inputs], per_input, params)["merged"]
+    _require(low.dtype == torch.bfloat16, merger, "bfloat16 inputs merge to bfloat16")
 
 
 def _check_indices(method: Any, indices: Any, length: int) -> None:

@@ -1,5 +1,6 @@
-"""One minimal method per family (merger, attention, kv_manager, optimizer, adapter), registered by a
-third-party plugin: fixtures for the contract test, not methods anyone should use."""
+"""One minimal method per family whose real methods have not landed (attention, kv_manager, optimizer,
+adapter) plus a third-party merger, registered by a third-party plugin: fixtures for the contract test, not
+methods anyone should use."""
 import json
 import shutil
 from dataclasses import dataclass
@@ -21,11 +22,11 @@ class Window(Params):
     k: int = param(4, range="[1, inf)", help="how many of the most recent tokens to keep")
 
 
-class MeanMerger(Merger):
-    name, description, params_cls = "mean", "uniform average of the inputs", NoParams
+class MedianMerger(Merger):
+    name, description, params_cls = "median", "entrywise median of the inputs", NoParams
 
-    def merge(self, base, tensors, params):
-        return torch.stack(tensors).mean(0)
+    def merge(self, name, base, inputs, per_input, params):
+        return {"merged": torch.stack(inputs).median(0).values}
 
 
 class LastK(Attention):
@@ -66,7 +67,7 @@ class Dense(Adapter):
 
 @hookimpl
 def llmgraft_register_mergers(register):
-    register(MeanMerger())
+    register(MedianMerger())
 
 
 @hookimpl

@@ -1,0 +1,291 @@
+"""The full-checkpoint merge driver: any registered merger over Hugging Face safetensors directories, streamed
+tensor by tensor (and row chunk by row chunk for large tensors), written atomically. It knows no method.
+
+Also the TALL store: ``build_tall`` writes the multi-task vector τ_MTL and one bit-packed mask per task, and
+``rebuild_tall`` reconstructs any task's model θ_t = θ₀ + m_t ⊙ τ_MTL from it and the base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..hooks import get_registry
+from ..hooks.errors import CheckpointError, ParamError
+from ..io import atomic_directory
+from ..kernels.merging import pack_bits, unpack_bits
+from .checkpoints import Checkpoint, ShardWriter, copy_side_files
+
+#: Working memory one merge step may use (inputs, float32 copies and intermediates of one row chunk).
+WORKING_BYTES = 96 << 20
+#: Bytes per element a merge step needs per input (its tensor, float32 task vector, stacked copies, masks).
+_BYTES_PER_ELEMENT = 14
+STORE_FORMAT = "llmgraft-tall/1"
+REPORT = "llmgraft_merge.json"
+
+
+def trainer_metrics(checkpoint: str | Path) -> dict[str, float]:
+    """``step`` and ``loss`` from the ``trainer_state.json`` HF Trainer writes into each checkpoint: the step
+    is ``global_step``; the loss is the last evaluation loss logged, else the last training loss."""
+    path = Path(checkpoint) / "trainer_state.json"
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    out: dict[str, float] = {}
+    if state.get("global_step"):
+        out["step"] = float(state["global_step"])
+    history = state.get("log_history") or []
+    for key in ("eval_loss", "loss"):
+        values = [entry[key] for entry in history if isinstance(entry.get(key), (int, float))]
+        if values:
+            out["loss"] = float(values[-1])
+            break
+    return out
+
+
+def _open(paths: Sequence[str | Path]) -> list[Checkpoint]:
+    return [Checkpoint(p) for p in paths]
+
+
+def _check_compatible(reference: Checkpoint, others: Sequence[Checkpoint]) -> None:
+    """Every checkpoint holds the reference's tensors, with the same shapes and dtypes (errors name them)."""
+    for other in others:
+        missing = [n for n in reference.names if n not in other.tensors]
+        extra = [n for n in other.names if n not in reference.tensors]
+        if missing or extra:
+            what = f"lacks {missing[:3]}" if missing else f"has extra tensors {extra[:3]}"
+            raise CheckpointError(f"{other.path} does not match {reference.path}: it {what}")
+        for name, info in reference.tensors.items():
+            theirs = other.tensors[name]
+            if theirs.shape != info.shape:
+                raise CheckpointError(f"tensor {name!r}: shape {theirs.shape} in {other.path} but {info.shape} in "
+                                      f"{reference.path}")
+            if theirs.dtype != info.dtype:
+                raise CheckpointError(f"tensor {name!r}: dtype {theirs.dtype} in {other.path} but {info.dtype} in "
+                                      f"{reference.path}")
+
+
+def _chunks(rows: int, row_elements: int, inputs: int) -> list[tuple[int, int]]:
+    """Row ranges whose working memory stays under ``WORKING_BYTES``; each a multiple of 8 rows (so bit
+    masks of consecutive chunks concatenate), except the last."""
+    per_row = max(1, row_elements * _BYTES_PER_ELEMENT * (inputs + 2))
+    step = max(8, (WORKING_BYTES // per_row) // 8 * 8)
+    return [(a, min(rows, a + step)) for a in range(0, rows, step)]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled)
+
+
+def _per_input(merger, count: int, values: Sequence[Mapping[str, Any]] | None, paths: Sequence[Path]) -> list[dict]:
+    """Per-input values: given ones, completed from trainer_state.json when the method reads them."""
+    given = [dict(v) for v in values] if values is not None else [{} for _ in range(count)]
+    if len(given) != count:
+        raise ParamError(f"{len(given)} sets of per-input values for {count} inputs")
+    if merger.input_values:
+        for values_i, path in zip(given, paths):
+            for key, value in trainer_metrics(path).items():
+                if key in merger.input_values:
+                    values_i.setdefault(key, value)
+    return given
+
+
+def _stream(merger, params, reference: Checkpoint, base: Checkpoint | None, inputs: list[Checkpoint],
+            per_input: list[dict], write: Callable[[str, dict[str, torch.Tensor], tuple[int, int] | None], None],
+            progress: bool, desc: str) -> int:
+    """Merge every tensor, calling ``write(name, outputs, rows)`` per whole tensor or row chunk."""
+    merged = 0
+    with _progress(len(reference.names), desc, progress) as bar:
+        for name in reference.names:
+            info = reference.tensors[name]
+            if not info.dtype.is_floating_point:  # integer buffers are copied, never merged
+                write(name, {"merged": reference.read(name)}, None)
+                bar.update(1)
+                continue
+            rows = info.shape[0] if info.shape else 1
+            row_elements = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
+            ranges = _chunks(rows, row_elements, len(inputs)) if merger.elementwise and info.shape else [(0, rows)]
+            if len(ranges) == 1:
+                tensors = [c.read(name) for c in inputs]
+                anchor = base.read(name) if base is not None else None
+                stats = [merger.tensor_stats(name, anchor, t, params) for t in tensors]
+                write(name, merger.merge(name, anchor, tensors, [{**v, **s} for v, s in zip(per_input, stats)],
+                                         params), None)
+            else:  # whole-tensor statistics one input at a time, then row chunks of all inputs together
+                anchor = base.read(name) if base is not None else None
+                stats = [merger.tensor_stats(name, anchor, c.read(name), params) for c in inputs]
+                del anchor
+                values = [{**v, **s} for v, s in zip(per_input, stats)]
+                for a, b in ranges:
+                    tensors = [c.read(name, (a, b)) for c in inputs]
+                    anchor = base.read(name, (a, b)) if base is not None else None
+                    write(name, merger.merge(name, anchor, tensors, values, params), (a, b))
+            merged += 1
+            bar.update(1)
+    return merged
+
+
+def merge_checkpoints(method: str, inputs: Sequence[str | Path], out: str | Path, *, base: str | Path | None = None,
+                      params: Mapping[str, Any] | None = None, per_input: Sequence[Mapping[str, Any]] | None = None,
+                      force: bool = False, max_shard_bytes: int = 2 << 30, progress: bool = True) -> dict[str, Any]:
+    """Merge full checkpoints with the registered merger ``method`` into ``out`` (a model directory).
+
+    ``per_input`` gives each input's values (MWA: ``{"loss": ...}``); missing ones are read from a
+    ``trainer_state.json`` in the input's directory. The output carries the reference's config and tokenizer
+    files (the base's, else the first input's) and ``llmgraft_merge.json``, a record of the merge."""
+    merger = get_registry().get("merger", method)
+    if merger.merged_is != "model":
+        raise ParamError(f"{method} does not produce a model (it produces a {merger.merged_is}): use its own "
+                         "command (llmgraft tall build)")
+    return _merge(merger, inputs, out, base, params, per_input, force, max_shard_bytes, progress)
+
+
+def _prepare(merger, inputs, out, base, params, per_input, force):
+    if len(inputs) < 1:
+        raise ParamError("merging needs at least one input")
+    out = Path(out)
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} exists; pass force=True (--force) to replace it")
+    if merger.needs_base and base is None:
+        raise ParamError(f"{merger.name} merges task vectors: it needs the base model (--base)")
+    parsed = merger.params_cls.from_mapping(params or {})
+    paths = [Path(p) for p in inputs]
+    values = _per_input(merger, len(paths), per_input, paths)
+    merger.check_inputs(values, parsed)
+    checkpoints = _open(paths)
+    anchor = Checkpoint(base) if base is not None else None
+    reference = anchor or checkpoints[0]
+    _check_compatible(reference, [c for c in checkpoints if c is not reference])
+    return out, parsed, values, checkpoints, anchor, reference
+
+
+def _merge(merger, inputs, out, base, params, per_input, force, max_shard_bytes, progress) -> dict[str, Any]:
+    out, parsed, values, checkpoints, anchor, reference = _prepare(merger, inputs, out, base, params, per_input,
+                                                                  force)
+    start = time.perf_counter()
+    plan = [(n, i.dtype, i.shape) for n, i in reference.tensors.items()]
+    with atomic_directory(out) as tmp:
+        writer = ShardWriter(tmp, plan, max_shard_bytes, metadata={"llmgraft_merge": merger.name})
+        count = _stream(merger, parsed, reference, anchor, checkpoints, values,
+                        lambda name, outputs, rows: writer.write(name, outputs["merged"]), progress,
+                        f"merge {merger.name}")
+        files = writer.close()
+        copy_side_files(reference, tmp, skip={REPORT})
+        report = {"method": merger.name, "params": parsed.to_dict(), "base": str(base) if base else None,
+                  "inputs": [str(p) for p in inputs], "per_input": values, "tensors": len(plan),
+                  "merged_tensors": count, "bytes": sum(f.stat().st_size for f in files),
+                  "seconds": round(time.perf_counter() - start, 3)}
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+    for c in (*checkpoints, *( [anchor] if anchor else [])):
+        c.close()
+    return report
+
+
+# ---- TALL: a compressed multi-task store -----------------------------------------------------------------
+
+
+def build_tall(base: str | Path, inputs: Sequence[str | Path], out: str | Path, *, lam: float = 0.4,
+               lams: Sequence[float] | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Write a TALL store: τ_MTL (``task_vector.safetensors``), each task's bit-packed masks
+    (``mask-<t>.safetensors``: one uint8 tensor per weight, 8 entries per byte), and ``tall.json``. ``lams`` sets λ per task (default ``lam`` for all)."""
+    merger = get_registry().get("merger", "tall")
+    per_input = None if lams is None else [{"lam": float(v)} for v in lams]
+    out, parsed, values, checkpoints, anchor, reference = _prepare(merger, inputs, out, base, {"lam": lam},
+                                                                  per_input, force)
+    start = time.perf_counter()
+    floating = [(n, i) for n, i in reference.tensors.items() if i.dtype.is_floating_point]
+    vector_plan = [(n, i.dtype, i.shape) for n, i in reference.tensors.items()]
+    mask_plan = [(n, torch.uint8, (math.ceil(math.prod(i.shape) / 8),)) for n, i in floating]
+    with atomic_directory(out) as tmp:
+        vectors = ShardWriter(tmp, vector_plan, metadata={"llmgraft": STORE_FORMAT}, stem="task_vector")
+        masks = [ShardWriter(tmp, mask_plan, metadata={"llmgraft": STORE_FORMAT, "task": str(t)}, stem=f"mask-{t}")
+                 for t in range(len(checkpoints))]
+        kept = [0] * len(checkpoints)
+
+        def write(name, outputs, rows):
+            vectors.write(name, outputs["merged"])  # τ_MTL (integer buffers: the base's own values)
+            for t, writer in enumerate(masks):
+                mask = outputs.get(f"mask/{t}")
+                if mask is not None:
+                    kept[t] += int(mask.sum())
+                    writer.write(name, pack_bits(mask))
+
+        _stream(merger, parsed, reference, anchor, checkpoints, values, write, progress, "tall build")
+        vectors.close()
+        for writer in masks:
+            writer.close()
+        total = sum(math.prod(i.shape) for _, i in floating)
+        manifest = {"format": STORE_FORMAT, "base": str(Path(base).resolve()),
+                    "tasks": [str(Path(p).resolve()) for p in inputs],
+                    "lams": [float(v.get("lam", lam)) for v in values], "parameters": total,
+                    "kept_fraction": [k / max(total, 1) for k in kept],
+                    "shapes": {n: list(i.shape) for n, i in floating},
+                    "seconds": round(time.perf_counter() - start, 3)}
+        (tmp / "tall.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def rebuild_tall(store: str | Path, task: int, out: str | Path, *, base: str | Path | None = None,
+                 force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Write task ``task``'s model θ_t = θ₀ + m_t ⊙ τ_MTL from a TALL store (and the base it was built on)."""
+    store = Path(store)
+    try:
+        manifest = json.loads((store / "tall.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{store}: not a TALL store ({exc})") from None
+    if manifest.get("format") != STORE_FORMAT:
+        raise CheckpointError(f"{store}: unknown store format {manifest.get('format')!r}")
+    tasks = len(manifest["tasks"])
+    if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < tasks:
+        raise ParamError(f"task must be an index in [0, {tasks}) (the store holds {tasks} tasks), got {task!r}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} exists; pass force=True (--force) to replace it")
+    anchor = Checkpoint(base or manifest["base"])
+    vectors = Checkpoint(store / "task_vector.safetensors") if (store / "task_vector.safetensors").exists() \
+        else _store_part(store, "task_vector")
+    masks = _store_part(store, f"mask-{task}")
+    _check_compatible(anchor, [vectors])
+    plan = [(n, i.dtype, i.shape) for n, i in anchor.tensors.items()]
+    with atomic_directory(out) as tmp:
+        writer = ShardWriter(tmp, plan, metadata={"llmgraft_tall_task": str(task)})
+        with _progress(len(plan), f"tall rebuild {task}", progress) as bar:
+            for name, info in anchor.tensors.items():
+                theta = anchor.read(name)
+                if info.dtype.is_floating_point:
+                    mask = unpack_bits(masks.read(name), info.shape)
+                    theta = (theta.float() + torch.where(mask, vectors.read(name).float(), 0.0)).to(info.dtype)
+                writer.write(name, theta)
+                bar.update(1)
+        writer.close()
+        copy_side_files(anchor, tmp, skip={REPORT})
+        record = {"tall_store": str(store.resolve()), "task": task, "source": manifest["tasks"][task],
+                  "lam": manifest["lams"][task]}
+        (tmp / REPORT).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _store_part(store: Path, stem: str) -> Checkpoint:
+    files = sorted(store.glob(f"{stem}.safetensors")) or sorted(store.glob(f"{stem}-0*-of-*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{store}: no {stem} tensors")
+    if len(files) == 1:
+        return Checkpoint(files[0])
+    part = Checkpoint(files[0])
+    for extra in files[1:]:
+        more = Checkpoint(extra)
+        part.files += more.files
+        part.tensors.update(more.tensors)
+        part._owner.update(more._owner)
+    return part
