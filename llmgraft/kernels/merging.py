@@ -5,10 +5,14 @@ weights) and leaves its inputs untouched.
 Definitions (θ₀ the base, θ_i the inputs, τ_i = θ_i − θ₀ their task vectors):
 
 * task arithmetic: θ = θ₀ + λ·Σ_i w_i τ_i;
-* TIES (Yadav et al., 2023): trim each τ_i to its ``density`` largest magnitudes, elect each entry's sign as
-  the sign of Σ_i (trimmed τ_i), average the trimmed entries that agree with it (disjoint mean), θ = θ₀ + λ·τ.
-  The official code trims over the whole model's flattened task vector; here, as in mergekit, per tensor
-  (so a merge streams tensor by tensor);
+* TIES (Yadav et al., 2023; official ``ties-merging/src/utils/merge_utils.py``): trim each τ_i to its largest
+  magnitudes (as the official ``topk_values_mask``: drop the d − ⌊d·density⌋ smallest, so ⌊d·density⌋ + 1
+  entries stay, plus ties), elect each entry's sign as the sign of Σ_i (trimmed τ_i), average the trimmed
+  entries that agree with it (disjoint mean; Consensus and TALL use the disjoint sum, as ``tall_masks``),
+  θ = θ₀ + λ·τ. The official code trims over the whole model's flattened task vector; here, as in mergekit,
+  per tensor, so a merge streams tensor by tensor. Where the trimmed entries cancel exactly (Σ = 0 with
+  nonzero terms), the official code elects the sign of the sum of all elected signs of the model; that is
+  not a per-entry rule, so chunks could not be merged on their own: here such entries elect +1;
 * TALL masks (Wang et al., ICML 2024, official ``tallmask_utils.py``): with τ_MTL = Σ_t τ_t,
   m_t = |τ_t| > λ_t·|τ_MTL − τ_t|; task t is rebuilt as θ_t = θ₀ + m_t ⊙ τ_MTL;
 * Consensus: keep the entries present in at least k task masks, θ = θ₀ + α·(τ ⊙ [Σ_t m_t ≥ k]), with τ the
@@ -34,11 +38,13 @@ def task_vectors(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[tor
 
 
 def magnitude_threshold(tau: torch.Tensor, density: float) -> float:
-    """The magnitude at or above which the ``density`` largest entries of ``tau`` lie (ties kept)."""
-    if density >= 1.0:
+    """The magnitude at or above which TIES keeps entries: the (d − ⌊d·density⌋)-th smallest |τ| (so
+    ⌊d·density⌋ + 1 entries stay, plus ties), as the official ``topk_values_mask``; 0 at density 1."""
+    count = tau.numel()
+    drop = count - int(count * density)
+    if density >= 1.0 or drop <= 0:
         return 0.0
-    count = max(1, math.ceil(density * tau.numel()))
-    return float(tau.abs().flatten().float().kthvalue(tau.numel() - count + 1).values)
+    return float(tau.abs().flatten().float().kthvalue(drop).values)
 
 
 def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -46,15 +52,18 @@ def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(tau.abs() >= threshold, tau, torch.zeros((), dtype=tau.dtype))
 
 
-def ties_vector(trimmed: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Elect signs by total (weighted) mass and average the trimmed entries that agree (disjoint mean)."""
+def ties_vector(trimmed: Sequence[torch.Tensor], weights: Sequence[float] | None = None,
+                aggregate: str = "mean") -> torch.Tensor:
+    """Elect signs by total (weighted) mass and combine the trimmed entries that agree: their mean (TIES) or
+    sum (the "dis-sum" that TALL and Consensus use). Entries whose total is exactly 0 elect +1 (see the
+    module docstring), so the result is entrywise and row chunks merge on their own."""
     weights = [1.0] * len(trimmed) if weights is None else weights
     stacked = torch.stack([w * t for w, t in zip(weights, trimmed)])
-    sign = torch.sign(stacked.sum(0))
-    agree = (torch.sign(stacked) == sign) & (stacked != 0)
-    count = agree.sum(0)
+    agree = torch.where(stacked.sum(0) >= 0, stacked > 0, stacked < 0)
     total = torch.where(agree, stacked, torch.zeros((), dtype=stacked.dtype)).sum(0)
-    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros((), dtype=total.dtype))
+    if aggregate == "sum":
+        return total
+    return total / (agree & (stacked != 0)).sum(0).clamp(min=1)
 
 
 def tall_masks(taus: Sequence[torch.Tensor], total: torch.Tensor, lams: Sequence[float]) -> list[torch.Tensor]:

@@ -6,7 +6,8 @@ the formulas are in ``llmgraft.kernels.merging``.
 * ``ties``: θ₀ + λ·TIES(τ) (trim to ``density``, elect signs, disjoint mean);
 * ``tall``: the multi-task vector τ_MTL = Σ_t τ_t and one mask per task, m_t = |τ_t| > λ_t·|τ_MTL − τ_t|,
   from which ``llmgraft tall rebuild`` rebuilds θ_t = θ₀ + m_t ⊙ τ_MTL;
-* ``consensus``: θ₀ + α·(τ ⊙ [Σ_t m_t ≥ k]), τ the task-arithmetic sum or the TIES vector.
+* ``consensus``: θ₀ + α·(τ ⊙ [Σ_t m_t ≥ k]), τ the task-arithmetic sum or the TIES disjoint sum, with the
+  masks built around that same τ (as the official ``tall_masks`` code).
 """
 
 from __future__ import annotations
@@ -101,9 +102,10 @@ class TaskVectors(Merger):
         else:
             thresholds = [v["threshold"] if "threshold" in v else magnitude_threshold(t, params.density)
                           for v, t in zip(per_input, taus)]
-            vector = ties_vector([trim(t, thr) for t, thr in zip(taus, thresholds)], weights)
+            vector = ties_vector([trim(t, thr) for t, thr in zip(taus, thresholds)], weights,
+                                 "sum" if self.kind == "consensus" else "mean")
         if self.kind == "consensus":
-            keep = consensus(tall_masks(taus, torch.stack(taus).sum(0), [params.lam] * len(taus)), params.k)
+            keep = consensus(tall_masks(taus, vector, [params.lam] * len(taus)), params.k)
             vector = torch.where(keep, vector, torch.zeros((), dtype=vector.dtype))
         return {"merged": (base.float() + params.scale * vector).to(base.dtype)}
 
