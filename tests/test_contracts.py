@@ -35,15 +35,17 @@ def _like(registry: Registry, family: str, name: str, **methods) -> object:
     attributes = {k: getattr(original, k) for k in ("name", "description", "params_cls")}
     if family == "sampler":
         attributes["primary"], attributes["needs"] = original.primary, original.needs
-    if family == "merger":
-        for attribute in ("needs_base", "elementwise", "input_values", "outputs", "merged_is"):
+    bases: tuple = ()
+    if family == "merger":  # mergers must subclass Merger
+        bases = (FAMILIES["merger"].base,)
+        for attribute in ("needs_base", "elementwise", "input_values", "outputs", "merged_is", "linear"):
             attributes[attribute] = getattr(original, attribute)
         attributes["check_inputs"] = lambda self, *a: original.check_inputs(*a)
         attributes["tensor_stats"] = lambda self, *a: original.tensor_stats(*a)
     for op in ("apply", "merge", "select", "keep", "run", "init_state", "delta_weight"):
         if hasattr(original, op):
             attributes[op] = (lambda f: lambda self, *a: f(*a))(methods.get(op, getattr(original, op)))
-    return type("Broken", (), attributes)()
+    return type("Broken", bases, attributes)()
 
 
 def _drop_argmax(logits, params):

@@ -109,6 +109,17 @@ class Merger(Method):
     outputs: ClassVar[tuple[str, ...]] = ()
     #: What "merged" is: "model" (weights to load) or "task_vector" (to add to the base: TALL's τ_MTL).
     merged_is: ClassVar[str] = "model"
+    #: True when "merged" is c₀·base + Σ c_i·input_i with coefficients independent of the tensors' values
+    #: (averages, task arithmetic): LoRA adapters then merge exactly at concatenated rank.
+    linear: ClassVar[bool] = False
+
+    @staticmethod
+    def check_declaration(obj: Any) -> None:
+        if not isinstance(obj, Merger):
+            raise TypeError(f"merger {obj.name!r}: subclass llmgraft.Merger (drivers read its optional parts, "
+                            "which have their defaults there)")
+        if obj.merged_is not in ("model", "task_vector"):
+            raise TypeError(f"merger {obj.name!r}: merged_is must be 'model' or 'task_vector', got {obj.merged_is!r}")
 
     def check_inputs(self, per_input: list[dict[str, Any]], params: Params) -> None:
         """Raise ``ParamError`` when the per-input values cannot drive this merge (missing, non-positive)."""

@@ -52,6 +52,25 @@ def trainer_metrics(checkpoint: str | Path) -> dict[str, float]:
     return out
 
 
+def linear_coefficients(merger, params, per_input: list[dict]) -> tuple[float, list[float]]:
+    """(c₀, [c_i]) with merge(θ₀, θ_i) = c₀θ₀ + Σ c_i θ_i for a ``linear`` merger, read by merging
+    one-element probes (c₀ = 0 for mergers without a base)."""
+    count = len(per_input)
+    zero = torch.zeros(1, dtype=torch.float64)
+    probe = [zero.clone() for _ in range(count)]
+
+    def run(base, inputs):
+        return float(merger.merge("probe", base, inputs, per_input, params)["merged"])
+
+    c0 = run(torch.ones(1, dtype=torch.float64), probe) if merger.needs_base else 0.0
+    cs = []
+    for i in range(count):
+        inputs = [zero.clone() for _ in range(count)]
+        inputs[i] = torch.ones(1, dtype=torch.float64)
+        cs.append(run(zero.clone() if merger.needs_base else None, inputs))
+    return c0, cs
+
+
 def _open(paths: Sequence[str | Path]) -> list[Checkpoint]:
     return [Checkpoint(p) for p in paths]
 

@@ -46,6 +46,7 @@ class Uniform(Merger):
     name = "uniform"
     description = "Uniform average of the inputs (baseline)"
     params_cls = NoParams
+    linear = True
 
     def merge(self, name, base, inputs, per_input, params):
         return {"merged": weighted_average(inputs, [1.0 / len(inputs)] * len(inputs))}
@@ -57,6 +58,7 @@ class MWA(Merger):
     name = "mwa"
     description = "MWA: metrics-weighted averaging of checkpoints by loss or step (arXiv 2504.18580)"
     params_cls = MWAParams
+    linear = True
     input_values = {"loss": "the checkpoint's training or validation loss (> 0)",
                     "step": "the checkpoint's training step (> 0)"}
 

@@ -70,6 +70,7 @@ class TaskVectors(Merger):
                  outputs: tuple[str, ...] = (), merged_is: str = "model") -> None:
         self.name, self.kind, self.description, self.params_cls = kind, kind, description, params_cls
         self.input_values, self.outputs, self.merged_is = input_values, outputs, merged_is
+        self.linear = kind == "task_arithmetic"
 
     def check_inputs(self, per_input, params):
         for i, values in enumerate(per_input):

@@ -191,6 +191,13 @@ def check_merger(merger: Any) -> None:
     else:
         _require(_merge_all(merger, name, None, inputs, per_input, params)["merged"].shape == base.shape, merger,
                  "a merger that needs no base merges without one")
+    if merger.linear:
+        from ..offline.merge import linear_coefficients
+
+        c0, cs = linear_coefficients(merger, params, per_input)
+        combined = c0 * base.double() + sum(c * t.double() for c, t in zip(cs, inputs))
+        _require(torch.allclose(merged.double(), combined, atol=1e-5), merger,
+                 "a linear merger's result is c0 * base + sum c_i * input_i (coefficients from probes)")
     low = _merge_all(merger, name, base.bfloat16(), [t.bfloat16() for t in inputs], per_input, params)["merged"]
     _require(low.dtype == torch.bfloat16, merger, "bfloat16 inputs merge to bfloat16")
 
