@@ -3,6 +3,7 @@
     llmgraft plugins                 every loaded method: family, origin, description, parameters
     llmgraft demo [--plot demo.png]  vLLM on the bundled code LM: top-p vs min-p vs Top-H
     llmgraft demo samplers           a quick sampler lab on the bundled code LM (every sampler's frontier)
+    llmgraft demo merge              fine-tunes of the code LM merged by every merger: loss, time, memory
     llmgraft lab --model DIR --prompts FILE --samplers top_p,min_p,top_h,top_w,top_nsigma,p_less
                                      sweep each sampler's knob on your model: table and frontier plot
     llmgraft merge --method mwa|tall|consensus|ties|task_arithmetic|uniform [--base B] IN... --out O
@@ -32,6 +33,8 @@ def cmd_plugins(_args: argparse.Namespace) -> int:
             if rows:
                 table = format_table(["parameter", "type", "default", "range", "help"], rows)
                 print("\n".join("  " + line for line in table.splitlines()))
+            for key, meaning in (getattr(entry.obj, "input_values", None) or {}).items():
+                print(f"  per input: {key}: {meaning}")
     empty = [f for f in FAMILIES if not registry.names(f)]
     if empty:
         print(f"\nfamilies with no method yet: {', '.join(empty)}")
@@ -43,6 +46,11 @@ def cmd_plugins(_args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.topic == "merge":
+        from .demo_merge import run_merge_demo
+
+        run_merge_demo(seed=args.seed)
+        return 0
     if args.topic == "samplers":
         from .demo import PROMPTS
         from .lab import run_lab
@@ -134,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list loaded methods and their parameters").set_defaults(func=cmd_plugins)
     demo = sub.add_parser("demo", help="compare samplers on a real vLLM engine",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("topic", nargs="?", default="top_h", choices=["top_h", "samplers"],
-                      help="top_h: Top-H against vLLM's top-p and min-p; samplers: a quick sampler lab")
+    demo.add_argument("topic", nargs="?", default="top_h", choices=["top_h", "samplers", "merge"],
+                      help="top_h: Top-H against vLLM's top-p and min-p; samplers: a quick sampler lab; merge: "
+                           "fine-tunes of the code LM merged by every merger")
     demo.add_argument("--out", default="lab-demo", help="samplers topic: where the table and plot go")
     demo.add_argument("--model", help="model directory (default: the bundled code LM)")
     demo.add_argument("--samples", type=int, default=8, help="completions per prompt")

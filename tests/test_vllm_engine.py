@@ -228,6 +228,20 @@ def test_engine_resources_report_a_vocabulary_mismatch(llm, tiny_llama, tmp_path
     assert "top_w unavailable on this engine" in caplog.text
     with pytest.raises(ResourceError, match=r"shape \(7, 4\)"):
         resources.get("input_embeddings")
+    # In the engine, such rows are sampled unfiltered (logged once) instead of ending every request.
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from llmgraft.integrations.vllm import GraftSampling
+
+    proc = GraftSampling(config, torch.device("cpu"), False)
+    added = [(0, SamplingParams(temperature=1.0, extra_args={"top_w": 5.0}), None, []),
+             (1, SamplingParams(temperature=1.0, extra_args={"top_h": 0.2}), None, [])]
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=added, moved=[]))
+    x = torch.randn(2, 500, generator=torch.Generator().manual_seed(0))
+    out = proc.apply(x.clone())
+    assert torch.equal(out[0], x[0]) and torch.isinf(out[1]).any()
+    assert "top_w cannot run on this engine" in caplog.text
     good = _engine_resources(llm.llm_engine.vllm_config, None).get("input_embeddings")
     assert torch.equal(good, hf_model_embeddings(tiny_llama))
 

@@ -99,8 +99,9 @@ def _group_rows(choices: Sequence[SamplerChoice | None], device, temperatures: S
 def _engine_resources(vllm_config: VllmConfig, default: SamplerChoice | None) -> ModelResources:
     """The model tensors samplers may need (Top-W: input embeddings), checked once at engine start.
 
-    Unusable ones stop the engine when the server's default sampler needs them, and are logged otherwise
-    (a request for such a sampler then fails with the same reason)."""
+    Unusable ones stop the engine when the server's default sampler needs them, and are logged otherwise;
+    requests for such a sampler are then sampled without it, with an error logged once (failing inside the
+    engine would end every request in flight, and admission runs where the model is not known)."""
     import logging
 
     from ...hooks import get_registry
@@ -121,12 +122,36 @@ def _engine_resources(vllm_config: VllmConfig, default: SamplerChoice | None) ->
     return resources
 
 
+_UNAVAILABLE_REPORTED: set[tuple[int, str]] = set()
+
+
+def _unavailable(resources: ModelResources, sampler, exc: Exception) -> None:
+    """Log, once per engine and sampler, that a sampler's rows run unfiltered: its model tensors are missing.
+
+    Raising here would kill the engine and every request in flight; the engine's start-up already warned."""
+    import logging
+
+    key = (id(resources), sampler.name)
+    if key not in _UNAVAILABLE_REPORTED:
+        _UNAVAILABLE_REPORTED.add(key)
+        logging.getLogger("llmgraft").error(
+            "llmgraft: %s cannot run on this engine (%s); its requests are sampled without it", sampler.name, exc)
+
+
 def _apply_groups(logits: torch.Tensor, groups: list[_Group], resources: ModelResources) -> torch.Tensor:
     from ...hooks.families import needs_of
+    from ...hooks.resources import ResourceError
 
     for g in groups:
         rows = logits if g.index is None else logits[g.index]
         extra = (resources,) if needs_of(g.sampler) else ()
+        if extra:
+            try:
+                for name in needs_of(g.sampler):
+                    resources.get(name)
+            except ResourceError as exc:
+                _unavailable(resources, g.sampler, exc)
+                continue
         if g.temperature is not None:  # V2: filter sampler(rows / T), then restore vLLM's unscaled view
             rows = g.sampler.apply(rows / g.temperature, g.params, *extra).mul_(g.temperature)
         else:

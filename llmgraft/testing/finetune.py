@@ -1,0 +1,85 @@
+"""Fine-tunes of the bundled code LM on single standard-library packages ("tasks"), with HF ``Trainer``, for
+the merging demo, tests and benchmarks. The packages are from the code LM's held-out split, so each
+fine-tune visibly learns its task. Checkpoints are ordinary HF directories (safetensors, config, tokenizer)
+with the ``trainer_state.json`` that Trainer writes, as MWA reads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .code_lm import heldout_loss
+from .corpus import read_texts, stdlib_files
+from .models import code_lm_path, load_tokenizer
+
+#: Held-out packages of the code LM, one task each.
+TASKS = ("json", "html", "urllib", "xmlrpc")
+
+
+def task_streams(package: str, tokenizer=None, eval_share: float = 0.15):
+    """(train, eval) token streams of one package: its files, EOS-separated, split by position."""
+    import torch
+
+    tokenizer = tokenizer or load_tokenizer()
+    files = stdlib_files("all", packages=(package,))
+    if not files:
+        raise ValueError(f"no standard-library files for package {package!r}")
+    stream: list[int] = []
+    for ids in tokenizer(read_texts(files), add_special_tokens=False)["input_ids"]:
+        stream += ids + [tokenizer.eos_token_id]
+    cut = int(len(stream) * (1 - eval_share))
+    return torch.tensor(stream[:cut]), torch.tensor(stream[cut:])
+
+
+def task_loss(model, package: str, windows: int = 32, seq_len: int = 128) -> float:
+    """Mean next-token loss of ``model`` on the eval split of ``package``."""
+    return heldout_loss(model, task_streams(package)[1], seq_len=seq_len, max_windows=windows)
+
+
+def finetune(package: str, out_dir: str | Path, steps: int = 40, lr: float = 1e-3, batch_size: int = 8,
+             seq_len: int = 128, save_steps: int | None = None, seed: int = 0, base: str | Path | None = None
+             ) -> Path:
+    """Fully fine-tune the code LM on ``package`` with HF Trainer; returns the final model directory.
+
+    With ``save_steps``, Trainer's own ``checkpoint-<step>`` directories (weights and trainer_state.json,
+    no optimizer state) stay beside it in ``out_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from ..io import atomic_directory
+
+    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer()
+    train, evaluation = task_streams(package, tokenizer)
+
+    class Windows(torch.utils.data.Dataset):
+        def __init__(self, stream, count):
+            gen = torch.Generator().manual_seed(seed)
+            self.starts = torch.randint(0, len(stream) - seq_len - 1, (count,), generator=gen)
+            self.stream = stream
+
+        def __len__(self):
+            return len(self.starts)
+
+        def __getitem__(self, i):
+            window = self.stream[self.starts[i]: self.starts[i] + seq_len]
+            return {"input_ids": window, "labels": window.clone()}
+
+    model = AutoModelForCausalLM.from_pretrained(str(base or code_lm_path()), dtype=torch.float32)
+    with atomic_directory(out_dir) as tmp:
+        args = TrainingArguments(
+            output_dir=str(tmp), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+            lr_scheduler_type="constant", warmup_steps=0, logging_steps=max(1, (save_steps or steps) // 2),
+            save_strategy="steps" if save_steps else "no", save_steps=save_steps or steps, save_only_model=True,
+            eval_strategy="steps" if save_steps else "no", eval_steps=save_steps or steps,
+            per_device_eval_batch_size=batch_size, report_to=[], seed=seed, use_cpu=True,
+            dataloader_num_workers=0, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=Windows(train, steps * batch_size),
+                          eval_dataset=Windows(evaluation, 4 * batch_size))
+        trainer.train()
+        model = model.to(torch.bfloat16)
+        model.save_pretrained(tmp / "final", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "final")
+        for checkpoint in tmp.glob("checkpoint-*"):
+            tokenizer.save_pretrained(checkpoint)
+    return out_dir / "final"
