@@ -125,7 +125,21 @@ def cmd_tall(args: argparse.Namespace) -> int:
     from .offline.merge import build_tall, rebuild_tall
 
     if args.tall_command == "build":
-        manifest = build_tall(args.base, args.inputs, args.out, lam=args.lam, lams=args.lams, force=args.force)
+        lams = args.lams
+        if args.eval_data:
+            from .hooks.errors import ParamError
+            from .integrations.transformers.evaluate import text_loss
+            from .offline.merge import choose_tall_lams
+
+            if len(args.eval_data) != len(args.inputs):
+                raise ParamError(f"--eval-data needs one text file per task ({len(args.inputs)}), got "
+                                 f"{len(args.eval_data)}")
+            lams, scores = choose_tall_lams(args.base, args.inputs,
+                                            lambda t, model: text_loss(model, args.eval_data[t]),
+                                            candidates=args.candidates)
+            for lam, row in scores.items():
+                print(f"lambda {lam}: validation loss per task {', '.join(f'{v:.4f}' for v in row)}")
+        manifest = build_tall(args.base, args.inputs, args.out, lam=args.lam, lams=lams, force=args.force)
         kept = ", ".join(f"{100 * k:.1f}%" for k in manifest["kept_fraction"])
         print(f"TALL store of {len(args.inputs)} tasks -> {args.out} (lambda {manifest['lams']}; mask density {kept})")
     else:
@@ -191,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="the store directory")
     build.add_argument("--lam", type=float, default=0.4, help="mask threshold lambda for every task")
     build.add_argument("--lams", type=float, nargs="+", help="one lambda per task (overrides --lam)")
+    build.add_argument("--eval-data", nargs="+", metavar="TEXT",
+                       help="one text file per task: choose each task's lambda by its rebuilt model's loss on it")
+    build.add_argument("--candidates", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6],
+                       help="lambda values tried with --eval-data")
     build.add_argument("--force", action="store_true", help="replace an existing store")
     rebuild = tall_sub.add_parser("rebuild", help="write one task's model from a store")
     rebuild.add_argument("store", help="a store written by llmgraft tall build")

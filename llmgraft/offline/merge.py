@@ -308,3 +308,27 @@ def _store_part(store: Path, stem: str) -> Checkpoint:
         part.tensors.update(more.tensors)
         part._owner.update(more._owner)
     return part
+
+
+def choose_tall_lams(base: str | Path, inputs: Sequence[str | Path], score: Callable[[int, Path], float],
+                     candidates: Sequence[float] = (0.2, 0.3, 0.4, 0.5, 0.6), progress: bool = True
+                     ) -> tuple[list[float], dict[float, list[float]]]:
+    """Pick each task's λ: rebuild task t's model with the masks of every candidate λ, and keep the λ whose
+    model ``score(t, model_dir)`` rates lowest (a validation loss; the official code picks per task on
+    validation accuracy over 0.2..0.6). Returns the chosen λs and every score, by λ."""
+    import tempfile
+
+    from tqdm import tqdm
+
+    scores: dict[float, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="llmgraft-tall-") as scratch:
+        for lam in tqdm(candidates, desc="tall lambda", unit="lambda", disable=not progress):
+            store = Path(scratch) / f"store-{lam}"
+            build_tall(base, inputs, store, lam=float(lam), progress=False)
+            scores[lam] = []
+            for t in range(len(inputs)):
+                model = Path(scratch) / f"task-{t}"
+                rebuild_tall(store, t, model, force=True, progress=False)
+                scores[lam].append(float(score(t, model)))
+    chosen = [min(candidates, key=lambda lam: (scores[lam][t], lam)) for t in range(len(inputs))]
+    return [float(c) for c in chosen], scores

@@ -16,10 +16,17 @@ from .models import code_lm_path, load_tokenizer
 TASKS = ("json", "html", "urllib", "xmlrpc")
 
 
-def task_streams(package: str, tokenizer=None, eval_share: float = 0.15):
-    """(train, eval) token streams of one package: its files, EOS-separated, split by position."""
+#: Streams are cut into blocks of this many tokens, dealt to the splits in turn.
+_BLOCK = 512
+
+
+def task_stream(package: str, split: str = "train", tokenizer=None):
+    """One package's files as an EOS-separated token stream, cut into 512-token blocks: of every 6 blocks
+    one goes to ``val``, one to ``test`` and four to ``train``, so the splits share one distribution."""
     import torch
 
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, not {split!r}")
     tokenizer = tokenizer or load_tokenizer()
     files = stdlib_files("all", packages=(package,))
     if not files:
@@ -27,13 +34,15 @@ def task_streams(package: str, tokenizer=None, eval_share: float = 0.15):
     stream: list[int] = []
     for ids in tokenizer(read_texts(files), add_special_tokens=False)["input_ids"]:
         stream += ids + [tokenizer.eos_token_id]
-    cut = int(len(stream) * (1 - eval_share))
-    return torch.tensor(stream[:cut]), torch.tensor(stream[cut:])
+    blocks = [stream[i:i + _BLOCK] for i in range(0, len(stream), _BLOCK)]
+    role = {0: "val", 3: "test"}
+    chosen = [t for i, block in enumerate(blocks) if role.get(i % 6, "train") == split for t in block]
+    return torch.tensor(chosen)
 
 
-def task_loss(model, package: str, windows: int = 32, seq_len: int = 128) -> float:
-    """Mean next-token loss of ``model`` on the eval split of ``package``."""
-    return heldout_loss(model, task_streams(package)[1], seq_len=seq_len, max_windows=windows)
+def task_loss(model, package: str, split: str = "test", windows: int = 32, seq_len: int = 128) -> float:
+    """Mean next-token loss of ``model`` on a split (default: test) of ``package``."""
+    return heldout_loss(model, task_stream(package, split), seq_len=seq_len, max_windows=windows)
 
 
 def finetune(package: str, out_dir: str | Path, steps: int = 40, lr: float = 1e-3, batch_size: int = 8,
@@ -50,7 +59,7 @@ def finetune(package: str, out_dir: str | Path, steps: int = 40, lr: float = 1e-
 
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer()
-    train, evaluation = task_streams(package, tokenizer)
+    train, evaluation = task_stream(package, "train", tokenizer), task_stream(package, "val", tokenizer)
 
     class Windows(torch.utils.data.Dataset):
         def __init__(self, stream, count):

@@ -46,6 +46,11 @@ class GraftLogitsProcessor(LogitsProcessor):
                                  f"model=<your PreTrainedModel>, e.g. GraftLogitsProcessor({sampler!r}, model=model)")
             self.resources = ModelResources({"input_embeddings": lambda: model.get_input_embeddings().weight},
                                             where=f"model {type(model).__name__}")
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            rows = self.resources.get("input_embeddings").shape[0]
+            if head is not None and getattr(head, "weight", None) is not None and head.weight.shape[0] != rows:
+                raise ParamError(f"sampler {sampler!r}: the model's input embeddings have {rows} rows but its output "
+                                 f"layer scores {head.weight.shape[0]} tokens; they must cover the same vocabulary")
         self._stacked: dict[tuple[int, torch.device], object] = {}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
