@@ -28,13 +28,16 @@ def cmd_plugins(_args: argparse.Namespace) -> int:
         for name in registry.names(family):
             entry = registry.entries[family][name]
             print(f"\n{family} {name} from {entry.origin}: {entry.obj.description}")
-            rows = [[p["name"], p["type"], repr(p["default"]), p["range"] or "-", p["help"]]
-                    for p in entry.obj.params_cls.describe()]
+            primary = getattr(entry.obj, "primary", None)
+            rows = [[p["name"] + (" *" if p["name"] == primary else ""), p["type"], repr(p["default"]),
+                     p["range"] or "-", p["help"]] for p in entry.obj.params_cls.describe()]
             if rows:
                 table = format_table(["parameter", "type", "default", "range", "help"], rows)
                 print("\n".join("  " + line for line in table.splitlines()))
             for key, meaning in (getattr(entry.obj, "input_values", None) or {}).items():
                 print(f"  per input: {key}: {meaning}")
+    print("\n* the primary parameter, set by the shorthand request field {\"<sampler>\": value}; "
+          "(per row): may differ between the requests of one batch")
     empty = [f for f in FAMILIES if not registry.names(f)]
     if empty:
         print(f"\nfamilies with no method yet: {', '.join(empty)}")
@@ -74,7 +77,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     run_lab(args.model, read_prompts(args.prompts), samplers, args.out, samples=args.samples,
-            max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, quick=args.quick)
+            max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, quick=args.quick,
+            dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib)
     return 0
 
 
@@ -171,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     lab.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
     lab.add_argument("--prompts", required=True,
-                     help="prompt file: a JSON array of strings, JSON lines, or one prompt per line")
+                     help="prompt file: .json (an array of strings), .jsonl (a string or {\"prompt\": ...} per "
+                          "line), or any other text (one prompt per line, \\n for newlines); coherence is "
+                          "'parses as Python', so the lab suits code prompts")
     lab.add_argument("--samplers", default=",".join(LAB_SAMPLERS),
                      help="comma-separated: " + ", ".join(LAB_SAMPLERS) + " (top_h sweeps all three variants)")
     lab.add_argument("--out", default="lab", help="output directory for lab.md, frontier.png and lab.json")
@@ -180,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--temperature", type=float, default=1.0, help="temperature of the knob sweeps")
     lab.add_argument("--quick", action="store_true", help="every other point of each sweep")
     lab.add_argument("--seed", type=int, default=0, help="sampling seed")
+    lab.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="engine and replay dtype")
+    lab.add_argument("--max-model-len", type=int, default=1024, help="vLLM max_model_len")
+    lab.add_argument("--kv-cache-gib", type=float, default=0.25, help="vLLM KV cache size (always size it on a CPU)")
     lab.set_defaults(func=cmd_lab)
 
     merge = sub.add_parser("merge", help="merge full checkpoints (safetensors), streamed and atomic",

@@ -73,19 +73,22 @@ def expand(names: Sequence[str], temperature: float = 1.0, quick: bool = False) 
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a JSON array of strings, JSON lines (a string or {"prompt": ...} per line), or plain text
-    with one prompt per line (``\\n`` escapes become newlines)."""
+    """Prompts from a file, by its suffix: ``.json`` a JSON array of strings; ``.jsonl`` one JSON string or
+    ``{"prompt": ...}`` per line; anything else one prompt per line (``\\n`` escapes become newlines)."""
     path = Path(path)
     if not path.is_file():
         raise LLMGraftError(f"prompt file {str(path)!r} does not exist")
     text = path.read_text(encoding="utf-8")
-    prompts: list[Any]
-    try:
-        prompts = json.loads(text) if text.lstrip().startswith("[") else None
-    except json.JSONDecodeError as exc:
-        raise LLMGraftError(f"prompt file {str(path)!r} is not valid JSON: {exc}") from None
-    if prompts is None:
-        prompts = []
+    prompts: list[Any] = []
+    if path.suffix == ".json":
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LLMGraftError(f"prompt file {str(path)!r} is not valid JSON: {exc}") from None
+        if not isinstance(prompts, list):
+            raise LLMGraftError(f"prompt file {str(path)!r} must hold a JSON array of strings, got a "
+                                f"{type(prompts).__name__}")
+    else:
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -104,6 +107,8 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def check_model_dir(model: str | Path) -> Path:
     path = Path(model)
+    if not path.exists():
+        raise LLMGraftError(f"model directory {str(path)!r} does not exist")
     if not (path / "config.json").is_file():
         raise LLMGraftError(f"model directory {str(path)!r} has no config.json (a Hugging Face model directory "
                             "with safetensors weights is expected)")
@@ -154,8 +159,18 @@ def kept_counter(point: Point, resources) -> Callable:
 
 def run_lab(model: str | Path, prompts: Sequence[str], samplers: Sequence[str], out_dir: str | Path,
             samples: int = 8, max_tokens: int = 48, temperature: float = 1.0, seed: int = 0,
-            quick: bool = False) -> list[dict]:
-    """Sweep, score, and write ``lab.md`` and ``frontier.png`` into ``out_dir``; returns one dict per point."""
+            quick: bool = False, dtype: str = "float32", max_model_len: int = 1024,
+            kv_cache_gib: float = 0.25) -> list[dict]:
+    """Sweep, score, and write ``lab.md`` and ``frontier.png`` into ``out_dir``; returns one dict per point.
+
+    ``dtype``, ``max_model_len`` and ``kv_cache_gib`` size the vLLM engine (and the transformers replay)."""
+    if not samplers:
+        raise LLMGraftError("no sampler to sweep (--samplers is empty)")
+    if not temperature > 0:
+        raise LLMGraftError(f"the sweep temperature must be > 0 (0 is greedy, where samplers do nothing), got "
+                            f"{temperature}")
+    if samples < 2:
+        raise LLMGraftError(f"diversity compares samples of one prompt: --samples must be >= 2, got {samples}")
     chosen = expand(samplers, temperature, quick)
     model = check_model_dir(model)
     from .testing.engine import completion_logits, cpu_engine, set_cpu_engine_env
@@ -169,8 +184,9 @@ def run_lab(model: str | Path, prompts: Sequence[str], samplers: Sequence[str], 
     from .hooks.resources import ModelResources
 
     t0 = time.perf_counter()
-    engine = cpu_engine(model, seed=seed, max_num_seqs=64)
-    hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    engine = cpu_engine(model, seed=seed, max_num_seqs=64, dtype=dtype, max_model_len=max_model_len,
+                        kv_cache_bytes=int(kv_cache_gib * 2**30))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=getattr(torch, dtype)).eval()
     resources = ModelResources({"input_embeddings": lambda: hf_model.get_input_embeddings().weight.detach()},
                                where=f"model {model.name}")
     print(f"engine ready in {time.perf_counter() - t0:.1f} s: {model.name}, {len(prompts)} prompts x "

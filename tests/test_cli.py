@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from llmgraft.hooks import LLMGraftError
+
 
 def run_cli(*args: str, env: dict | None = None) -> str:
     result = subprocess.run([sys.executable, "-m", "llmgraft.cli", *args], capture_output=True, text=True,
@@ -34,8 +38,16 @@ def test_lab_bad_input_is_one_line(tmp_path):
     prompts.write_text('["def f():\\n    "]')
     model = "llmgraft/assets/code-lm"
     assert run_failing("lab", "--model", str(tmp_path / "nope"), "--prompts", str(prompts)) == (
-        f"llmgraft: error: model directory '{tmp_path / 'nope'}' has no config.json (a Hugging Face model "
+        f"llmgraft: error: model directory '{tmp_path / 'nope'}' does not exist")
+    assert run_failing("lab", "--model", str(tmp_path), "--prompts", str(prompts)) == (
+        f"llmgraft: error: model directory '{tmp_path}' has no config.json (a Hugging Face model "
         "directory with safetensors weights is expected)")
+    assert run_failing("lab", "--model", model, "--prompts", str(prompts), "--samplers", ",") == (
+        "llmgraft: error: no sampler to sweep (--samplers is empty)")
+    assert run_failing("lab", "--model", model, "--prompts", str(prompts), "--temperature", "0").startswith(
+        "llmgraft: error: the sweep temperature must be > 0")
+    assert run_failing("lab", "--model", model, "--prompts", str(prompts), "--samples", "1").startswith(
+        "llmgraft: error: diversity compares samples of one prompt")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     assert run_failing("lab", "--model", model, "--prompts", str(empty)) == (
@@ -55,3 +67,8 @@ def test_lab_reads_prompt_files(tmp_path):
     (tmp_path / "c.txt").write_text("x = \ndef f():\\n    \n")
     for name in ("a.json", "b.jsonl", "c.txt"):
         assert read_prompts(tmp_path / name) == ["x = ", "def f():\n    "], name
+    (tmp_path / "d.txt").write_text("[x for x in y]\n")  # a text prompt that starts like JSON
+    assert read_prompts(tmp_path / "d.txt") == ["[x for x in y]"]
+    (tmp_path / "e.json").write_text('{"prompts": ["x"]}')
+    with pytest.raises(LLMGraftError, match="must hold a JSON array of strings, got a dict"):
+        read_prompts(tmp_path / "e.json")

@@ -108,7 +108,7 @@ def test_lab_command_runs_small(tmp_path):
     argv = commands(block("lab").code)[0].split()
     assert argv[:2] == ["llmgraft", "lab"]
     argv[argv.index("--out") + 1] = str(tmp_path / "lab")
-    out = run([sys.executable, "-m", "llmgraft.cli", *argv[1:], "--quick", "--samples", "1", "--max-tokens", "6"],
+    out = run([sys.executable, "-m", "llmgraft.cli", *argv[1:], "--quick", "--samples", "2", "--max-tokens", "6"],
               env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}).stdout
     table = (tmp_path / "lab" / "lab.md").read_text()
     for name in ("temperature", "top_p", "min_p", "top_h:reference", "top_h:paper", "top_w", "top_nsigma", "p_less"):

@@ -114,8 +114,8 @@ def _parse(fields: Mapping[str, Any], registry: Registry, where: str = "request 
         if key in parameters:
             collected.put(key, value, key)
         elif (near := closest(key, parameters) or closest(key, names)) or strict:
-            hint = f"did you mean {near!r}? " if near else ""
-            raise ParamError(f"{where} {key!r} is not a parameter of {selected}; {hint}"
+            hint = f"; did you mean {near!r}?" if near else ""
+            raise ParamError(f"{where} {key!r} is not a parameter of {selected}{hint} "
                              f"(parameters: {', '.join(parameters)})")
     return selected, collected.values
 

@@ -69,9 +69,13 @@ def _finite_std_numpy(x: np.ndarray, ddof: int) -> np.ndarray:
     std = x.std(axis=1, ddof=ddof)
     masked = ~np.isfinite(std)
     if masked.any():
+        import warnings
+
         rows = np.where(np.isfinite(x[masked]), x[masked], np.nan)
         count = np.isfinite(rows).sum(1)
-        spread = np.nanstd(rows, axis=1, ddof=ddof) if rows.shape[1] else np.zeros(len(rows))
+        with warnings.catch_warnings():  # rows with <= ddof finite logits: nanstd warns, and we use 0
+            warnings.simplefilter("ignore", RuntimeWarning)
+            spread = np.nanstd(rows, axis=1, ddof=ddof)
         std[masked] = np.where(count > ddof, spread, 0.0)
     return std
 
@@ -80,6 +84,8 @@ def top_nsigma(logits: torch.Tensor, n: torch.Tensor | float = 1.0, ddof: int = 
     """Mask ``logits[B, V]`` to each row's top-nσ set, in place: keep x ≥ max − n·σ. Returns ``logits``."""
     if ddof not in (0, 1):
         raise ValueError(f"top_nsigma ddof must be 0 or 1, got {ddof!r}")
+    if logits.dtype != torch.float32:  # a bf16 threshold would round away the boundary: decide in float32
+        return logits.copy_(top_nsigma(logits.float(), n, ddof))
 
     def threshold(x, row_max, xp):
         if xp is np:

@@ -33,8 +33,8 @@ most of the pool), up to 9 passes, one row at a time. Here:
   truncation sampler;
 * the potential, only where it can change the next S (``_settled``): members of S have f = 0 exactly, and
   the scan's answer is provably independent of the f of tokens far less likely than S. The first pass
-  then needs no similarity at all, later passes a (16 × |S|) or (128 × |S|) block of the most likely
-  tokens; rows where that does not settle it get the exact potential of the whole pool, computed as full
+  then needs no similarity at all, later passes a (16 × |S|), (128 × |S|) or (512 × |S|) block of the
+  most likely tokens (each tried while |S| is at most a quarter of it); rows where that does not settle it get the exact potential of the whole pool, computed as full
   similarity columns of the smaller side ((m - |S|) or |S| columns, m·d each), each column once per call,
   rows of similar widths batched into one matmul;
 * the prefix scan: a sort of m values per pass; rows stop as soon as S repeats.
@@ -214,7 +214,7 @@ class _MatchingPotential:
 
 
 #: Pool prefixes tried, in order, before the exact potential of the whole pool (see ``_settled``).
-_PREFIXES = (16, 128)
+_PREFIXES = (16, 128, 512)
 
 
 def _settled(p: torch.Tensor, log_p: torch.Tensor, f: torch.Tensor, known: torch.Tensor, lam: torch.Tensor,
@@ -268,10 +268,14 @@ def _nearest_f(field: _NearestPotential, unit, index, p, log_p, members, running
     best = torch.where(members, 1.0, -1.0)
     known = members.clone()
     open_rows = running & ~_settled(p, log_p, -(1.0 - best.double()), known, lam, beta, geom_scale)
+    size = members.sum(1)
     for head in _PREFIXES:
         if head >= m or not bool(open_rows.any()):
             break
-        rows = open_rows.nonzero().squeeze(1)
+        # A head block only pays while S is small beside it; rows with large S go to the exact potential.
+        rows = (open_rows & (size * 4 <= head)).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
         best[rows, :head] = _head_potential(unit, index[rows], members[rows], head)
         known[rows, :head] = True
         f = -(1.0 - best.double())
@@ -300,9 +304,10 @@ def top_w_rule(top: TopN, unit: torch.Tensor, lam, beta, geom_scale, init_top_p,
     order = torch.arange(m).repeat(batch, 1)
     members = _members(order, k)
 
-    index = top.index.reshape(batch, m).to(unit.device).cpu()
+    unit = unit.cpu()  # this reference kernel runs on the CPU whatever the logits' device (GPU path: issue #8)
+    index = top.index.reshape(batch, m).cpu()
     nearest = potential == "nearest"
-    field = _NearestPotential(unit.cpu(), index) if nearest else _MatchingPotential(unit.cpu(), index)
+    field = _NearestPotential(unit, index) if nearest else _MatchingPotential(unit, index)
     passes = torch.zeros(batch, dtype=torch.long)
     converged = torch.zeros(batch, dtype=torch.bool)
     running = torch.ones(batch, dtype=torch.bool)

@@ -32,8 +32,7 @@ class TopWParams(Params):
     top_m: int = param(1200, range="[1, 1000000]", help="candidates considered: the m most likely tokens")
     alt_iters: int = param(9, range="[1, 100]", help="most alternating passes (stops early when S repeats)")
     potential: str = choice("nearest", POTENTIALS,
-                            help="nearest: the official nearest-set potential; matching: the official "
-                                 "code's uncalled distance-matching potential (m^2 d per call)")
+                            help="nearest: the official potential; matching: its uncalled alternative (slow)")
 
 
 def unit_embeddings_of(model: ModelResources):
@@ -55,7 +54,7 @@ class TopW(Sampler):
               ) -> torch.Tensor:
         unit = unit_embeddings_of(require(model, self.name))
         check_vocab(unit, logits.shape[-1], model, self.name, "input embeddings")
-        return top_w(logits, unit.to(logits.device), params.lam, params.beta, params.geom_scale, params.top_m,
+        return top_w(logits, unit, params.lam, params.beta, params.geom_scale, params.top_m,
                      params.init_top_p, params.alt_iters, params.potential)
 
 
