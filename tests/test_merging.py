@@ -363,3 +363,27 @@ def test_bit_packing_round_trips_and_is_documented_order():
     assert torch.equal(unpack_bits(packed, (13, 7)), mask)
     first = mask.flatten()[:8].tolist()
     assert int(packed[0]) == sum(1 << i for i, bit in enumerate(first) if bit)  # entry i is bit i of byte 0
+
+
+def test_readme_merge_commands(family, tmp_path):
+    """The README's merge block as written, with its placeholders replaced by real checkpoints."""
+    from readme_blocks import block, commands
+
+    base, tasks = family
+    texts = []
+    for t in range(3):
+        text = tmp_path / f"val{t + 1}.txt"
+        text.write_text("def f(x):\n    return x + %d\n" % t * 60)
+        texts.append(text)
+    names = {"BASE": base, "FT1": tasks[0], "FT2": tasks[1], "FT3": tasks[2], "RUN/checkpoint-100": tasks[0],
+             "RUN/checkpoint-200": tasks[1], "RUN/checkpoint-300": tasks[2], "val1.txt": texts[0],
+             "val2.txt": texts[1], "val3.txt": texts[2], "merged": tmp_path / "merged", "mwa-merged": tmp_path / "mwa",
+             "store": tmp_path / "store", "task1": tmp_path / "task1"}
+    for command in commands(block("merge").code):
+        argv = [str(names.get(word, word)) for word in command.split()]
+        assert argv[0] == "llmgraft"
+        result = subprocess.run([sys.executable, "-m", "llmgraft.cli", *argv[1:]], capture_output=True, text=True,
+                                cwd=ROOT, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "task1" / "model.safetensors").exists()
+    assert len(json.loads((tmp_path / "store" / "tall.json").read_text())["lams"]) == 3

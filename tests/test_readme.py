@@ -14,7 +14,7 @@ from conftest import PLUGIN_INSTALL, ROOT
 from readme_blocks import block, blocks, commands
 
 HANDLED = {"make", "output of make demo", "same as make setup", "output of llmgraft plugins", "run",
-           "server", "plugin install", "run with the plugin installed", "smoke", "layout", "lab"}
+           "server", "plugin install", "run with the plugin installed", "smoke", "layout", "lab", "merge"}
 
 
 def run(cmd: list[str] | str, env: dict | None = None, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -60,7 +60,7 @@ def test_plugins_listing_is_the_real_output():
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("index", range(2))
+@pytest.mark.parametrize("index", range(len([b for b in blocks() if b.note == "run"])))
 def test_python_blocks_run(index):
     code = [b for b in blocks() if b.note == "run"][index].code
     out = run([sys.executable, "-c", code], env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
