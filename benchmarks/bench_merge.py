@@ -40,7 +40,8 @@ def build_models(directory: Path, size_mb: float, count: int) -> tuple[Path, lis
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     layers = max(1, round((size_mb * 2**20 / 2 - vocab * hidden - hidden) / per_layer))
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=16,
-                         num_key_value_heads=16, intermediate_size=inter, tie_word_embeddings=True)
+                         num_key_value_heads=16, intermediate_size=inter, tie_word_embeddings=True,
+                         architectures=["LlamaForCausalLM"])
     shapes = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -53,6 +54,7 @@ def build_models(directory: Path, size_mb: float, count: int) -> tuple[Path, lis
     for k in range(count + 1):
         path = directory / ("base" if k == 0 else f"ft{k}")
         if (path / "model.safetensors").exists():
+            config.save_pretrained(path)
             paths.append(path)
             continue
         path.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ def _like(registry: Registry, family: str, name: str, **methods) -> object:
             attributes[attribute] = getattr(original, attribute)
         attributes["check_inputs"] = lambda self, *a: original.check_inputs(*a)
         attributes["tensor_stats"] = lambda self, *a: original.tensor_stats(*a)
+        attributes["needs_tensor_stats"] = lambda self, *a: original.needs_tensor_stats(*a)
     for op in ("apply", "merge", "select", "keep", "run", "init_state", "delta_weight"):
         if hasattr(original, op):
             attributes[op] = (lambda f: lambda self, *a: f(*a))(methods.get(op, getattr(original, op)))

@@ -124,6 +124,11 @@ class Merger(Method):
     def check_inputs(self, per_input: list[dict[str, Any]], params: Params) -> None:
         """Raise ``ParamError`` when the per-input values cannot drive this merge (missing, non-positive)."""
 
+    def needs_tensor_stats(self, params: Params) -> bool:
+        """Whether ``tensor_stats`` computes anything with these parameters (drivers skip the whole-tensor
+        reads it costs when not)."""
+        return False
+
     def tensor_stats(self, name: str, base: torch.Tensor | None, tensor: torch.Tensor, params: Params
                      ) -> dict[str, float]:
         """Statistics of one whole input tensor that row chunks need (TIES: its trim threshold)."""

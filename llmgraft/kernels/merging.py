@@ -37,14 +37,28 @@ def task_vectors(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[tor
     return [t.float() - anchor for t in inputs]
 
 
-def magnitude_threshold(tau: torch.Tensor, density: float) -> float:
-    """The magnitude at or above which TIES keeps entries: the (d − ⌊d·density⌋)-th smallest |τ| (so
-    ⌊d·density⌋ + 1 entries stay, plus ties), as the official ``topk_values_mask``; 0 at density 1."""
-    count = tau.numel()
+def magnitude_threshold(tensor: torch.Tensor, density: float, base: torch.Tensor | None = None) -> float:
+    """The magnitude at or above which TIES keeps entries of τ = tensor − base (or of ``tensor`` itself):
+    the (d − ⌊d·density⌋)-th smallest |τ| (so ⌊d·density⌋ + 1 entries stay, plus ties), as the official
+    ``topk_values_mask``; 0 at density 1.
+
+    Selects in place over one float32 array of |τ| filled in slices, so a whole embedding matrix costs one
+    copy of it, not the several that sorting a fresh difference would take."""
+    count = tensor.numel()
     drop = count - int(count * density)
     if density >= 1.0 or drop <= 0:
         return 0.0
-    return float(tau.abs().flatten().float().kthvalue(drop).values)
+    flat = tensor.reshape(-1)
+    anchor = base.reshape(-1) if base is not None else None
+    magnitudes = np.empty(count, dtype=np.float32)
+    step = 1 << 22
+    for i in range(0, count, step):
+        part = flat[i:i + step].float()
+        if anchor is not None:
+            part = part - anchor[i:i + step].float()
+        magnitudes[i:i + step] = part.abs_().numpy()
+    magnitudes.partition(drop - 1)
+    return float(magnitudes[drop - 1])
 
 
 def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:

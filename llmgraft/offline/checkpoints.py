@@ -31,6 +31,7 @@ DTYPES: dict[str, torch.dtype] = {
 NAMES = {v: k for k, v in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
 _PAGE = mmap.PAGESIZE
+_MARGIN = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,16 @@ class SafetensorsFile:
         return torch.frombuffer(data, dtype=info.dtype).reshape(shape)
 
     def _release(self, start: int, end: int) -> None:
-        first = start - start % _PAGE
-        if hasattr(self._map, "madvise") and end > first:
-            self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
+        """Drop the mapped pages of [start, end) from this process, with a margin on both sides: the kernel
+        maps pages around each fault ("fault-around", 64 KiB by default), which would otherwise pile up
+        before every row chunk's start."""
+        if not hasattr(self._map, "madvise"):
+            return
+        first = max(0, start - _MARGIN)
+        first -= first % _PAGE
+        last = min(len(self._map), end + _MARGIN)
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def close(self) -> None:
         if self._map is not None:

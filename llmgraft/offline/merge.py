@@ -141,11 +141,13 @@ def _stream(merger, params, reference: Checkpoint, base: Checkpoint | None, inpu
                 stats = [merger.tensor_stats(name, anchor, t, params) for t in tensors]
                 write(name, merger.merge(name, anchor, tensors, [{**v, **s} for v, s in zip(per_input, stats)],
                                          params), None)
-            else:  # whole-tensor statistics one input at a time, then row chunks of all inputs together
-                anchor = base.read(name) if base is not None else None
-                stats = [merger.tensor_stats(name, anchor, c.read(name), params) for c in inputs]
-                del anchor
-                values = [{**v, **s} for v, s in zip(per_input, stats)]
+            else:  # whole-tensor statistics one input at a time (if any), then row chunks of all inputs
+                values = per_input
+                if merger.needs_tensor_stats(params):
+                    anchor = base.read(name) if base is not None else None
+                    stats = [merger.tensor_stats(name, anchor, c.read(name), params) for c in inputs]
+                    del anchor
+                    values = [{**v, **s} for v, s in zip(per_input, stats)]
                 for a, b in ranges:
                     tensors = [c.read(name, (a, b)) for c in inputs]
                     anchor = base.read(name, (a, b)) if base is not None else None

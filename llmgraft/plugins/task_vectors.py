@@ -83,9 +83,12 @@ class TaskVectors(Merger):
             raise ParamError(f"consensus: k={params.k} exceeds the number of inputs ({len(per_input)}): no entry "
                              "could be kept")
 
+    def needs_tensor_stats(self, params):
+        return self.kind == "ties" or (self.kind == "consensus" and params.base_method == "ties")
+
     def tensor_stats(self, name, base, tensor, params):
-        if self.kind == "ties" or (self.kind == "consensus" and params.base_method == "ties"):
-            return {"threshold": magnitude_threshold(tensor.float() - base.float(), params.density)}
+        if self.needs_tensor_stats(params):
+            return {"threshold": magnitude_threshold(tensor, params.density, base)}
         return {}
 
     def merge(self, name, base, inputs, per_input, params):

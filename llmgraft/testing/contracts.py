@@ -175,6 +175,9 @@ def check_merger(merger: Any) -> None:
     again = _merge_all(merger, name, base, inputs, per_input, params)
     _require(all(torch.equal(again[k], out[k]) for k in expected), merger, "merging is deterministic")
     _require(all(torch.equal(a, b) for a, b in zip(inputs, copies)), merger, "inputs are not modified")
+    if not merger.needs_tensor_stats(params):
+        _require(all(merger.tensor_stats(name, base, t, params) == {} for t in inputs), merger,
+                 "tensor_stats computes nothing when needs_tensor_stats says so (drivers skip it)")
     if merger.elementwise:
         stats = [merger.tensor_stats(name, base, t, params) for t in inputs]
         rows = [{**v, **s} for v, s in zip(per_input, stats)]
