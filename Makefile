@@ -22,6 +22,7 @@ setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/llmgraft demo --plot $(DEMO_PLOT) $(DEMO_ARGS)
+	$(VENV)/bin/llmgraft demo merge
 
 test: setup
 	$(PY) -m pytest -q
@@ -37,6 +38,8 @@ bench: setup
 	$(VENV)/bin/llmgraft lab --model llmgraft/assets/code-lm --prompts benchmarks/lab_prompts.json \
 		--out benchmarks/results/lab
 	$(PY) benchmarks/bench_server.py --out benchmarks/results/server
+	$(PY) benchmarks/bench_merge.py --work .scratch/bench-merge --out benchmarks/results/merge
+	$(PY) benchmarks/bench_merge_quality.py --out benchmarks/results/merge_quality
 
 clean:
 	rm -rf .scratch demo.png

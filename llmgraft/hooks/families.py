@@ -129,9 +129,10 @@ class Merger(Method):
         reads it costs when not)."""
         return False
 
-    def tensor_stats(self, name: str, base: torch.Tensor | None, tensor: torch.Tensor, params: Params
-                     ) -> dict[str, float]:
-        """Statistics of one whole input tensor that row chunks need (TIES: its trim threshold)."""
+    def tensor_stats(self, name: str, base: Any, tensor: Any, params: Params) -> dict[str, float]:
+        """Statistics of one whole input tensor that row chunks need (TIES: its trim threshold). ``tensor``
+        and ``base`` may be tensors or row readers (``llmgraft.kernels.merging.Rows``: ``shape`` and
+        ``read(a, b)``), so that a large tensor need not be held whole."""
         return {}
 
     def merge(self, name: str, base: torch.Tensor | None, inputs: list[torch.Tensor],

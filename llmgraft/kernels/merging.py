@@ -37,26 +37,46 @@ def task_vectors(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[tor
     return [t.float() - anchor for t in inputs]
 
 
-def magnitude_threshold(tensor: torch.Tensor, density: float, base: torch.Tensor | None = None) -> float:
+class Rows:
+    """A tensor read in row ranges: ``shape``, and ``read(a, b)`` giving rows [a, b) of the first dimension.
+    Wraps an in-memory tensor here; the checkpoint driver passes readers of files, so statistics over a
+    whole tensor never hold it whole."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.tensor.reshape(self.shape[0], -1)[start:stop] if self.shape else self.tensor.reshape(1, 1)
+
+
+def _as_rows(value) -> Rows | None:
+    return value if value is None or hasattr(value, "read") else Rows(value)
+
+
+def magnitude_threshold(tensor, density: float, base=None) -> float:
     """The magnitude at or above which TIES keeps entries of τ = tensor − base (or of ``tensor`` itself):
     the (d − ⌊d·density⌋)-th smallest |τ| (so ⌊d·density⌋ + 1 entries stay, plus ties), as the official
     ``topk_values_mask``; 0 at density 1.
 
-    Selects in place over one float32 array of |τ| filled in slices, so a whole embedding matrix costs one
-    copy of it, not the several that sorting a fresh difference would take."""
-    count = tensor.numel()
+    ``tensor`` and ``base`` are tensors or :class:`Rows` readers. |τ| fills one float32 array in row
+    slices, then an in-place selection finds the threshold: one copy of the tensor in memory, never the
+    inputs whole nor the several copies a sort would take."""
+    tensor, base = _as_rows(tensor), _as_rows(base)
+    count = math.prod(tensor.shape) if tensor.shape else 1
     drop = count - int(count * density)
     if density >= 1.0 or drop <= 0:
         return 0.0
-    flat = tensor.reshape(-1)
-    anchor = base.reshape(-1) if base is not None else None
+    rows = tensor.shape[0] if tensor.shape else 1
+    per_row = max(1, count // rows)
+    step = max(1, (1 << 22) // per_row)
     magnitudes = np.empty(count, dtype=np.float32)
-    step = 1 << 22
-    for i in range(0, count, step):
-        part = flat[i:i + step].float()
-        if anchor is not None:
-            part = part - anchor[i:i + step].float()
-        magnitudes[i:i + step] = part.abs_().numpy()
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        part = tensor.read(a, b).float().reshape(-1)
+        if base is not None:
+            part = part - base.read(a, b).float().reshape(-1)
+        magnitudes[a * per_row: b * per_row] = part.abs_().numpy()
     magnitudes.partition(drop - 1)
     return float(magnitudes[drop - 1])
 

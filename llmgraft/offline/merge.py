@@ -107,6 +107,17 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled)
 
 
+class _FileRows:
+    """Row ranges of one tensor of a checkpoint, read on demand (``kernels.merging.Rows``'s interface)."""
+
+    def __init__(self, checkpoint: Checkpoint, name: str) -> None:
+        self.checkpoint, self.name = checkpoint, name
+        self.shape = checkpoint.tensors[name].shape
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.checkpoint.read(self.name, (start, stop))
+
+
 def _per_input(merger, count: int, values: Sequence[Mapping[str, Any]] | None, paths: Sequence[Path]) -> list[dict]:
     """Per-input values: given ones, completed from trainer_state.json when the method reads them."""
     given = [dict(v) for v in values] if values is not None else [{} for _ in range(count)]
@@ -143,10 +154,9 @@ def _stream(merger, params, reference: Checkpoint, base: Checkpoint | None, inpu
                                          params), None)
             else:  # whole-tensor statistics one input at a time (if any), then row chunks of all inputs
                 values = per_input
-                if merger.needs_tensor_stats(params):
-                    anchor = base.read(name) if base is not None else None
-                    stats = [merger.tensor_stats(name, anchor, c.read(name), params) for c in inputs]
-                    del anchor
+                if merger.needs_tensor_stats(params):  # read through row readers, never whole
+                    anchor = _FileRows(base, name) if base is not None else None
+                    stats = [merger.tensor_stats(name, anchor, _FileRows(c, name), params) for c in inputs]
                     values = [{**v, **s} for v, s in zip(per_input, stats)]
                 for a, b in ranges:
                     tensors = [c.read(name, (a, b)) for c in inputs]

@@ -175,6 +175,11 @@ def check_merger(merger: Any) -> None:
     again = _merge_all(merger, name, base, inputs, per_input, params)
     _require(all(torch.equal(again[k], out[k]) for k in expected), merger, "merging is deterministic")
     _require(all(torch.equal(a, b) for a, b in zip(inputs, copies)), merger, "inputs are not modified")
+    from ..kernels.merging import Rows
+
+    for t in inputs:  # drivers may pass row readers instead of whole tensors
+        _require(merger.tensor_stats(name, Rows(base), Rows(t), params) == merger.tensor_stats(name, base, t, params),
+                 merger, "tensor_stats gives the same statistics from row readers (kernels.merging.Rows)")
     if not merger.needs_tensor_stats(params):
         _require(all(merger.tensor_stats(name, base, t, params) == {} for t in inputs), merger,
                  "tensor_stats computes nothing when needs_tensor_stats says so (drivers skip it)")
