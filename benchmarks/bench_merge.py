@@ -36,11 +36,11 @@ def build_models(directory: Path, size_mb: float, count: int) -> tuple[Path, lis
 
     from llmgraft.offline.checkpoints import ShardWriter
 
-    hidden, layers, inter, vocab = 1024, 6, 2816, 32000
+    hidden, inter, vocab = (1024, 2816, 32000) if size_mb >= 100 else (256, 704, 4096)  # small: smoke runs
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     layers = max(1, round((size_mb * 2**20 / 2 - vocab * hidden - hidden) / per_layer))
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=16,
-                         num_key_value_heads=16, intermediate_size=inter, tie_word_embeddings=True,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
+                         num_key_value_heads=8, intermediate_size=inter, tie_word_embeddings=True,
                          architectures=["LlamaForCausalLM"])
     shapes = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):

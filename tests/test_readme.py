@@ -87,7 +87,8 @@ SMOKE_ARGS = {"bench_top_h.py": ["--runs", "1", "--repeats", "3", "--batches", "
               "bench_samplers.py": ["--runs", "1", "--repeats", "2", "--official-repeats", "1", "--threshold-repeats",
                                     "2", "--batches", "2", "--vocabs", "4096"],
               "bench_decode.py": ["--requests", "4", "--max-tokens", "8", "--repeats", "1"],
-              "bench_server.py": ["--requests", "60", "--warmup", "10", "--concurrency", "8"]}
+              "bench_server.py": ["--requests", "60", "--warmup", "10", "--concurrency", "8"],
+              "bench_merge.py": ["--inputs", "2", "--methods", "uniform", "ties", "--size-mb", "6", "--no-mergekit"]}
 
 
 @pytest.mark.engine
