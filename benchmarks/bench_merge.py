@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MERGEKIT = "mergekit==0.1.5"
+
+from llmgraft.testing.measure import peak_rss_mb  # noqa: E402
 
 
 def build_models(directory: Path, size_mb: float, count: int) -> tuple[Path, list[Path]]:
@@ -72,18 +73,6 @@ def build_models(directory: Path, size_mb: float, count: int) -> tuple[Path, lis
             {"loss": 3.0 - 0.1 * k, "step": 100 * k}]}))
         paths.append(path)
     return paths[0], paths[1:]
-
-
-def peak_rss_mb(argv: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(peak resident MB, wall seconds) of a command, from GNU time."""
-    start = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True,
-                            env={**os.environ, **(env or {})})
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{argv[:4]} failed:\n{result.stderr[-3000:]}")
-    kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    return kb / 1024, seconds
 
 
 def ensure_mergekit(site: Path) -> bool:

@@ -11,34 +11,11 @@ and peak memory. Fine-tunes are cached in a scratch directory, so a second run o
 
 from __future__ import annotations
 
+import json
 import os
-import threading
+import sys
 import time
 from pathlib import Path
-
-
-class PeakMemory:
-    """Peak resident memory growth of this process while the block runs (sampled every 5 ms), in MB."""
-
-    def __enter__(self):
-        import psutil
-
-        self._process = psutil.Process()
-        self.start = self.peak = self._process.memory_info().rss
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._done.wait(0.005):
-            self.peak = max(self.peak, self._process.memory_info().rss)
-
-    def __exit__(self, *exc):
-        self._done.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
-        self.growth_mb = (self.peak - self.start) / 2**20
 
 
 def run_merge_demo(scratch: str | Path | None = None, steps: int = 16, tasks: tuple[str, ...] = ("json", "html", "urllib"),
@@ -50,6 +27,7 @@ def run_merge_demo(scratch: str | Path | None = None, steps: int = 16, tasks: tu
     from .offline.merge import build_tall, choose_tall_lams, merge_checkpoints, rebuild_tall
     from .report import format_table
     from .testing.finetune import finetune, task_loss
+    from .testing.measure import peak_rss_mb
     from .testing.models import code_lm_path
 
     scratch = Path(scratch or Path(os.environ.get("TMPDIR", "/tmp")) / "llmgraft-demo-merge") / f"s{steps}-seed{seed}"
@@ -77,45 +55,43 @@ def run_merge_demo(scratch: str | Path | None = None, steps: int = 16, tasks: tu
                                   ("MWA by step, p=1", "mwa", {"metric": "step", "penalty": 1.0}),
                                   ("uniform average", "uniform", {})):
         out = scratch / f"mwa-{method}-{'-'.join(f'{k}{v}' for k, v in params.items())}"
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            merge_checkpoints(method, checkpoints, out, params=params, force=True, progress=False)
-            seconds = time.perf_counter() - start
-        mwa_rows.append([label, score(out, (tasks[0],))[0], seconds, memory.growth_mb])
-    mwa_rows.append([f"last checkpoint ({checkpoints[-1].name})", score(checkpoints[-1], (tasks[0],))[0], "-", "-"])
-    mwa_rows.append(["base code LM", score(base, (tasks[0],))[0], "-", "-"])
+        start = time.perf_counter()
+        merge_checkpoints(method, checkpoints, out, params=params, force=True, progress=False)
+        mwa_rows.append([label, score(out, (tasks[0],))[0], time.perf_counter() - start])
+    mwa_rows.append([f"last checkpoint ({checkpoints[-1].name})", score(checkpoints[-1], (tasks[0],))[0], "-"])
+    mwa_rows.append(["base code LM", score(base, (tasks[0],))[0], "-"])
     print()
-    print(format_table(["merge", f"{tasks[0]} loss", "seconds", "peak MB"], mwa_rows,
-                       title=f"MWA over {len(checkpoints)} checkpoints of one {tasks[0]} run (held-out loss, lower is better)"))
+    print(format_table(["merge", f"{tasks[0]} loss", "seconds"], mwa_rows,
+                       title=f"MWA over {len(checkpoints)} checkpoints of one {tasks[0]} run (test loss, lower is better)"))
 
     # Multi-task merges of the task fine-tunes.
     finals = [runs[t] / "final" for t in tasks]
     rows = [["base code LM", *score(base), "-", "-"]]
     individual = [score(p)[i] for i, p in enumerate(finals)]
     rows.append(["each task's own fine-tune", *individual, "-", "-"])
+    floor, _ = peak_rss_mb([sys.executable, "-c", "import llmgraft.offline.merge"])
     for label, method, params in (("uniform", "uniform", {}), ("task arithmetic 0.5", "task_arithmetic", {"scale": 0.5}),
                                   ("TIES d=0.2", "ties", {"density": 0.2}),
                                   ("Consensus k=2 (TA 0.5)", "consensus", {"k": 2, "scale": 0.5})):
         out = scratch / f"multi-{method}"
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            merge_checkpoints(method, finals, out, base=base, params=params, force=True, progress=False)
-            seconds = time.perf_counter() - start
-        rows.append([label, *score(out), seconds, memory.growth_mb])
+        peak, seconds = peak_rss_mb([sys.executable, "-m", "llmgraft.cli", "merge", "--method", method, "--base",
+                                     str(base), *map(str, finals), "--out", str(out), "--force",
+                                     *[f"--set={k}={json.dumps(v)}" for k, v in params.items()]])
+        rows.append([label, *score(out), seconds, peak - floor])
     lams, _ = choose_tall_lams(base, finals, lambda t, path: score(path, (tasks[t],), "val")[0], progress=False)
-    with PeakMemory() as memory:
-        start = time.perf_counter()
-        manifest = build_tall(base, finals, scratch / "tall", lams=lams, force=True, progress=False)
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    manifest = build_tall(base, finals, scratch / "tall", lams=lams, force=True, progress=False)
+    seconds = time.perf_counter() - start
     rebuilt = []
     for t in range(len(tasks)):
         rebuild_tall(scratch / "tall", t, scratch / f"tall-{t}", force=True, progress=False)
         rebuilt.append(score(scratch / f"tall-{t}", (tasks[t],))[0])
-    rows.append([f"TALL (lambda {', '.join(f'{v:g}' for v in lams)} on val), task t rebuilt", *rebuilt, seconds,
-                 memory.growth_mb])
+    rows.append([f"TALL (lambda {', '.join(f'{v:g}' for v in lams)} on val), task t rebuilt", *rebuilt, seconds, "-"])
     print()
     print(format_table(["merge", *[f"{t} loss" for t in tasks], "seconds", "peak MB"], rows,
-                       title="Three task fine-tunes merged into one model (held-out loss per task, lower is better)"))
+                       title=f"{len(tasks)} task fine-tunes merged into one model (test loss per task, lower is "
+                             "better; peak MB: the merge's peak resident memory above python + llmgraft, "
+                             "each merge in its own process)"))
     store = sum(f.stat().st_size for f in (scratch / "tall").glob("*.safetensors"))
     inputs = sum(f.stat().st_size for p in finals for f in p.glob("*.safetensors"))
     print(f"\nTALL store: {store / 2**20:.1f} MB for {inputs / 2**20:.1f} MB of fine-tunes "

@@ -85,6 +85,9 @@ def finetune(package: str, out_dir: str | Path, steps: int = 40, lr: float = 1e-
             dataloader_num_workers=0, disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=Windows(train, steps * batch_size),
                           eval_dataset=Windows(evaluation, 4 * batch_size))
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # the logs go to trainer_state.json, not the terminal
         trainer.train()
         model = model.to(torch.bfloat16)
         model.save_pretrained(tmp / "final", safe_serialization=True)
