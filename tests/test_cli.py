@@ -22,7 +22,7 @@ def test_plugins_lists_builtin_and_third_party(plugin_site):
     out = run_cli("plugins", env={"PYTHONPATH": str(plugin_site)})
     assert "sampler top_h from llmgraft: Top-H" in out
     assert "sampler top_a from top_a (llmgraft-top-a): Top-A: keep tokens with p >= a * p_max^2" in out
-    assert "  a          float (per row)  0.2" in out and "keep tokens with p >= a * p_max^2" in out
+    assert "  a *        float (per row)  0.2" in out and "keep tokens with p >= a * p_max^2" in out
 
 
 def run_failing(*args: str) -> str:

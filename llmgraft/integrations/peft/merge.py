@@ -53,7 +53,7 @@ def _delta(layer, adapter: str) -> torch.Tensor:
     return layer.scaling[adapter] * (b @ a)
 
 
-def merge_adapters(model, adapters: Sequence[str], method: str, adapter_name: str, *,
+def merge_adapters(model, adapters: Sequence[str], method: str, adapter_name: str = "merged", *,
                    params: Mapping[str, Any] | None = None, per_input: Sequence[Mapping[str, Any]] | None = None,
                    rank: int | None = None) -> dict[str, Any]:
     """Add ``adapter_name`` to the PEFT ``model``: the merge of its LoRA ``adapters`` with merger ``method``.
