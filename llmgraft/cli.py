@@ -29,8 +29,11 @@ def cmd_plugins(_args: argparse.Namespace) -> int:
             entry = registry.entries[family][name]
             print(f"\n{family} {name} from {entry.origin}: {entry.obj.description}")
             primary = getattr(entry.obj, "primary", None)
+            aliases = getattr(entry.obj.params_cls, "aliases", {})
             rows = [[p["name"] + (" *" if p["name"] == primary else ""), p["type"], repr(p["default"]),
-                     p["range"] or "-", p["help"]] for p in entry.obj.params_cls.describe()]
+                     p["range"] or "-",
+                     p["help"] + "".join(f" (also: {a})" for a, n in aliases.items() if n == p["name"])]
+                    for p in entry.obj.params_cls.describe()]
             if rows:
                 table = format_table(["parameter", "type", "default", "range", "help"], rows)
                 print("\n".join("  " + line for line in table.splitlines()))

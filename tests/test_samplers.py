@@ -276,3 +276,16 @@ def test_p_less_in_row_chunks_equals_one_pass(monkeypatch):
     whole = torch.isfinite(p_less(x.clone(), order=3.0))
     monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 2 * 3000)  # two rows per chunk, the last one alone
     assert torch.equal(torch.isfinite(p_less(x.clone(), order=3.0)), whole)
+
+
+def test_other_spellings_and_the_p_less_switch():
+    from llmgraft.hooks.sampling import parse_sampler_fields
+
+    assert parse_sampler_fields({"top_w": 5, "lambda": 1.5}).params.lam == 1.5
+    assert parse_sampler_fields({"top_w": 5, "top_w_lambda": 1.5}).params.lam == 1.5
+    assert parse_sampler_fields({"llmgraft_sampler": "top_nsigma", "nsigma": 0.7}).params.n == 0.7
+    with pytest.raises(ParamError, match="'lam' given twice"):
+        parse_sampler_fields({"top_w": 5, "lambda": 1.5, "lam": 2})
+    for switch in (True, 1):
+        with pytest.raises(ParamError, match='send {"llmgraft_sampler": "p_less"}'):
+            parse_sampler_fields({"p_less": switch})

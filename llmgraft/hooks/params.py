@@ -130,6 +130,8 @@ class Params:
 
     #: Name used in error messages; registration sets it to the method's name unless a subclass set it.
     owner: ClassVar[str] = "llmgraft"
+    #: Other spellings users reach for, mapped to field names (``{"lambda": "lam"}``); accepted everywhere.
+    aliases: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
@@ -152,6 +154,13 @@ class Params:
         from .names import closest
 
         names = cls.field_names()
+        if cls.aliases and any(k in cls.aliases for k in values):
+            values = dict(values)
+            for alias, name in cls.aliases.items():
+                if alias in values:
+                    if name in values:
+                        raise ParamError(f"{cls.owner}: {name!r} given twice ({alias!r} is another name for it)")
+                    values[name] = values.pop(alias)
         unknown = sorted(set(values) - set(names))
         if unknown:
             hints = [f"{k!r} (did you mean {m!r}?)" if (m := closest(k, names)) else repr(k) for k in unknown]

@@ -109,10 +109,14 @@ def _parse(fields: Mapping[str, Any], registry: Registry, where: str = "request 
                              f"(keys: {', '.join(map(repr, fields))})")
         return None, {}
     collected = found.get(selected) or _Fields(selected)
-    parameters = registry.get("sampler", selected).params_cls.field_names()
+    params_cls = registry.get("sampler", selected).params_cls
+    parameters = params_cls.field_names()
+    aliases = params_cls.aliases
     for key, value in bare.items():
         if key in parameters:
             collected.put(key, value, key)
+        elif key in aliases:
+            collected.put(aliases[key], value, key)
         elif (near := closest(key, parameters) or closest(key, names)) or strict:
             hint = f"; did you mean {near!r}?" if near else ""
             raise ParamError(f"{where} {key!r} is not a parameter of {selected}{hint} "

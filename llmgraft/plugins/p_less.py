@@ -27,6 +27,16 @@ class PLessParams(Params):
     variant: str = choice("p_less", P_LESS_VARIANTS,
                           help="p_less: threshold sum p^2; p_less_norm: (V sum p^2 - 1)/(V - 1), order 2 only")
 
+    def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except ParamError as exc:
+            if self.order is True or self.order == 1:  # {"p_less": true} (HTTP turns true into 1)
+                raise ParamError(f"{exc}; to turn p-less on with its defaults, send "
+                                 '{"llmgraft_sampler": "p_less"} (the shorthand {"p_less": k} sets the order k)'
+                                 ) from None
+            raise
+
     def validate(self) -> None:
         if self.variant == "p_less_norm" and self.order != 2.0:
             raise ParamError(f"p_less: variant 'p_less_norm' is defined for order 2 only, got order={self.order}")

@@ -19,6 +19,7 @@ from ..kernels.thresholds import top_nsigma
 @dataclass(frozen=True)
 class TopNSigmaParams(Params):
     owner = "top_nsigma"
+    aliases = {"nsigma": "n", "sigma": "n"}
 
     n: float = per_row(1.0, range="[0, 100]", help="keep logits within n standard deviations of the maximum")
     ddof: int = param(1, range="[0, 1]", help="1: the official unbiased sigma (torch.std); 0: llama.cpp's "

@@ -22,6 +22,7 @@ from ..kernels.top_w import POTENTIALS, top_w, unit_embeddings
 @dataclass(frozen=True)
 class TopWParams(Params):
     owner = "top_w"
+    aliases = {"lambda": "lam", "lam_fixed": "lam"}
 
     beta: float = per_row(2.8, range="[0, 100]",
                           help="mass reward: larger keeps more tokens (the objective's -beta log Gamma_S)")
