@@ -99,7 +99,7 @@ def merge_adapters(model, adapters: Sequence[str], method: str, adapter_name: st
             zero = torch.zeros_like(deltas[0])
             stats = [merger.tensor_stats(name, zero, d, parsed) for d in deltas]
             merged = merger.merge(name, zero, deltas, [{**v, **s} for v, s in zip(values, stats)], parsed)["merged"]
-            u, s, vh = torch.linalg.svd(merged.double(), full_matrices=False)
+            u, s, vh = torch.linalg.svd(merged.float(), full_matrices=False)
             r = min(rank, s.numel())
             b = (u[:, :r] * s[:r]).float()
             a = vh[:r].float()
@@ -108,7 +108,7 @@ def merge_adapters(model, adapters: Sequence[str], method: str, adapter_name: st
                 a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], 0)
             factors[name] = (a, b)
             norm = float(merged.double().norm())
-            lost = float(s[r:].square().sum().sqrt())
+            lost = float(s[r:].double().square().sum().sqrt())
             errors[name] = lost / norm if norm > 0 else 0.0
             total += norm ** 2
             residual += lost ** 2
