@@ -63,10 +63,10 @@ def test_import_is_light_and_plugins_load_on_first_use():
 
 
 def test_algorithm_code_never_imports_a_host_framework():
-    """Import every module of hooks/, plugins/ and kernels/ in a fresh interpreter; no host may load."""
+    """Import every module of hooks/, plugins/, kernels/ and offline/ in a fresh interpreter; no host may load."""
     result = run_python(
         "import importlib, pkgutil, sys, llmgraft\n"
-        "for pkg in ('hooks', 'plugins', 'kernels'):\n"
+        "for pkg in ('hooks', 'plugins', 'kernels', 'offline'):\n"
         "    package = importlib.import_module('llmgraft.' + pkg)\n"
         "    for info in pkgutil.walk_packages(package.__path__, package.__name__ + '.'):\n"
         "        importlib.import_module(info.name)\n"
