@@ -117,9 +117,27 @@ def _per_input_values(args: argparse.Namespace, count: int) -> list[dict] | None
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .offline.merge import merge_checkpoints
+    from pathlib import Path
 
     method = args.method.replace("-", "_")
+    if any((Path(p) / "adapter_config.json").is_file() for p in args.inputs):  # PEFT adapters: merge their deltas
+        from .integrations.peft import merge_adapter_dirs
+
+        report = merge_adapter_dirs(args.inputs, method, args.out, base=args.base,
+                                    params=_assignments(args.set, "--set"),
+                                    per_input=_per_input_values(args, len(args.inputs)), rank=args.rank,
+                                    into_base=args.into_base, force=args.force)
+        what = "a full model" if args.into_base else (
+            f"a rank-{report['rank']} adapter" + ("" if report.get("exact") else
+                                                  f" (relative error {report['relative_error']:.3g})"))
+        print(f"merged {len(args.inputs)} adapters with {method} into {what} -> {args.out}")
+        return 0
+    if args.rank is not None or args.into_base:
+        from .hooks.errors import ParamError
+
+        raise ParamError("--rank and --into-base apply to PEFT adapter directories only")
+    from .offline.merge import merge_checkpoints
+
     report = merge_checkpoints(method, args.inputs, args.out, base=args.base,
                                params=_assignments(args.set, "--set"),
                                per_input=_per_input_values(args, len(args.inputs)), force=args.force)
@@ -200,12 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--method", required=True,
                        help="a registered merger: uniform, mwa, task_arithmetic, ties, consensus (llmgraft plugins)")
     merge.add_argument("--base", help="the base model directory (task-vector methods need it)")
-    merge.add_argument("inputs", nargs="+", help="input checkpoint directories")
+    merge.add_argument("inputs", nargs="+", help="input checkpoint directories, or saved PEFT LoRA adapters")
     merge.add_argument("--out", required=True, help="output model directory")
     merge.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method parameter, e.g. density=0.2")
     merge.add_argument("--losses", type=float, nargs="+", help="per-input loss (mwa; else trainer_state.json)")
     merge.add_argument("--steps", type=float, nargs="+", help="per-input step (mwa; else trainer_state.json)")
     merge.add_argument("--weights", type=float, nargs="+", help="per-input task-vector weights")
+    merge.add_argument("--rank", type=int, help="adapters: re-factorise the merged delta to this rank (SVD)")
+    merge.add_argument("--into-base", action="store_true", help="adapters: write a full merged model instead")
     merge.add_argument("--force", action="store_true", help="replace an existing output")
     merge.set_defaults(func=cmd_merge)
 

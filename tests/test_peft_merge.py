@@ -122,3 +122,43 @@ def test_adapters_that_cannot_merge(peft_model):
     peft_model.peft_config["z"].base_model_name_or_path = "some/other-model"
     with pytest.raises(ParamError, match="come from different base models"):
         merge_adapters(peft_model, ["x", "z"], "uniform", "m")
+
+
+def test_saved_adapter_directories_merge_on_their_deltas(peft_model, tiny_llama, tmp_path):
+    """A PEFT run's saved checkpoints: the CLI routes adapter directories to the delta merge (exact for MWA,
+    with trainer_state.json's losses), and the plain checkpoint driver refuses to average A and B apart."""
+    import json
+    import subprocess
+    import sys
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llmgraft.offline.merge import merge_checkpoints
+
+    dirs = []
+    for i, name in enumerate("xyz"):
+        path = tmp_path / f"checkpoint-{i}"
+        peft_model.save_pretrained(str(tmp_path / "saved"), selected_adapters=[name])
+        (tmp_path / "saved" / name).rename(path)  # PEFT saves a non-default adapter in a folder of its name
+        config = json.loads((path / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(tiny_llama)
+        (path / "adapter_config.json").write_text(json.dumps(config))
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": 10 * (i + 1),
+                                                             "log_history": [{"loss": 3.0 - i}]}))
+        dirs.append(path)
+    out = tmp_path / "mwa"
+    result = subprocess.run([sys.executable, "-m", "llmgraft.cli", "merge", "--method", "mwa", *map(str, dirs),
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "into a rank-10 adapter" in result.stdout
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(out), adapter_name="m")
+    weights = [1 / 3.0, 1 / 2.0, 1 / 1.0]
+    weights = [w / sum(weights) for w in weights]  # p = 1: w ~ 1/loss
+    inputs = [deltas(peft_model, x) for x in "xyz"]
+    for name, value in deltas(merged, "m").items():
+        expected = sum(w * d[name] for w, d in zip(weights, inputs))
+        torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(CheckpointError, match="is a PEFT adapter: merge adapters on their deltas"):
+        merge_checkpoints("uniform", dirs, tmp_path / "wrong", progress=False)

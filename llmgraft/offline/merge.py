@@ -192,6 +192,10 @@ def _prepare(merger, inputs, out, base, params, per_input, force):
         raise ParamError(f"{merger.name} merges task vectors: it needs the base model (--base)")
     parsed = merger.params_cls.from_mapping(params or {})
     paths = [Path(p) for p in inputs]
+    adapters = [p for p in paths if (p / "adapter_config.json").is_file()]
+    if adapters:  # averaging lora_A and lora_B apart is not averaging the deltas B·A
+        raise CheckpointError(f"{adapters[0]} is a PEFT adapter: merge adapters on their deltas with "
+                              "llmgraft.integrations.peft.merge_adapter_dirs (the CLI does so by itself)")
     values = _per_input(merger, len(paths), per_input, paths)
     merger.check_inputs(values, parsed)
     checkpoints = _open(paths)

@@ -176,3 +176,73 @@ def merge_adapters_into_base(model, adapters: Sequence[str], method: str, out: s
         (tmp / "llmgraft_merge.json").write_text(json.dumps(
             {"method": method, "params": parsed.to_dict(), "adapters": list(adapters), "per_input": values}, indent=2))
     return {"method": method, "out": str(out), "modules": len(merged_deltas)}
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """A saved PEFT adapter (``adapter_config.json`` beside its weights), not a full model."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def merge_adapter_dirs(adapters: Sequence[str | Path], method: str, out: str | Path, *,
+                       base: str | Path | None = None, params: Mapping[str, Any] | None = None,
+                       per_input: Sequence[Mapping[str, Any]] | None = None, rank: int | None = None,
+                       into_base: bool = False, force: bool = False) -> dict[str, Any]:
+    """Merge saved LoRA adapter directories (e.g. the checkpoints of one PEFT run) into ``out``.
+
+    Loads the base model they name (or ``base``) and every adapter, merges them with :func:`merge_adapters`
+    and saves the result as an adapter directory (exact for linear methods; ``rank`` for an SVD), or with
+    ``into_base`` as a full merged model (:func:`merge_adapters_into_base`). MWA's metrics come from each
+    directory's ``trainer_state.json`` unless ``per_input`` gives them."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ...offline.merge import trainer_metrics
+
+    paths = [Path(p) for p in adapters]
+    out = Path(out)
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} exists; pass force=True (--force) to replace it")
+    configs = []
+    for path in paths:
+        if not is_adapter_dir(path):
+            raise CheckpointError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+        configs.append(PeftConfig.from_pretrained(str(path)))
+    bases = {c.base_model_name_or_path for c in configs}
+    if base is None:
+        if len(bases) != 1:
+            raise ParamError(f"the adapters name different base models ({sorted(map(str, bases))}); pass --base")
+        base = next(iter(bases))
+    if base is None or not Path(base).is_dir():
+        raise CheckpointError(f"base model {base!r} is not a local model directory; pass --base")
+    values = [dict(v) for v in per_input] if per_input is not None else [{} for _ in paths]
+    merger = get_registry().get("merger", method)
+    for value, path in zip(values, paths):
+        for key, metric in trainer_metrics(path).items():
+            if key in merger.input_values:
+                value.setdefault(key, metric)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    names = [f"input{i}" for i in range(len(paths))]
+    model = PeftModel.from_pretrained(model, str(paths[0]), adapter_name=names[0])
+    for name, path in zip(names[1:], paths[1:]):
+        model.load_adapter(str(path), adapter_name=name)
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
+    except Exception:  # noqa: BLE001 - a model directory without a tokenizer is fine
+        pass
+    if into_base:
+        return merge_adapters_into_base(model, names, method, out, params=params, per_input=values, force=force,
+                                        tokenizer=tokenizer)
+    report = merge_adapters(model, names, method, "merged", params=params, per_input=values, rank=rank)
+    model.peft_config["merged"].base_model_name_or_path = str(base)
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(str(tmp), selected_adapters=["merged"])
+        saved = tmp / "merged" if (tmp / "merged").is_dir() else tmp
+        if saved != tmp:
+            for item in saved.iterdir():
+                item.rename(tmp / item.name)
+            saved.rmdir()
+        (tmp / "llmgraft_merge.json").write_text(json.dumps(
+            {**{k: v for k, v in report.items() if k != "module_errors"}, "inputs": [str(p) for p in paths],
+             "per_input": values, "params": dict(params or {})}, indent=2))
+    return report
