@@ -203,7 +203,7 @@ class ShardWriter:
         count = len(shards)
         self.files = [self.directory / (f"{stem}.safetensors" if count == 1 else
                                          f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors") for i in range(count)]
-        self._where: dict[str, tuple[int, int, int]] = {}  # name -> (shard, absolute end, bytes)
+        self._where: dict[str, tuple[int, int]] = {}  # name -> (shard, bytes)
         self._handles = []
         self._expected: list[list[str]] = []
         for i, (path, shard) in enumerate(zip(self.files, shards)):
@@ -219,13 +219,13 @@ class ShardWriter:
             self._handles.append(handle)
             self._expected.append([name for name, *_ in shard])
             for name, *_rest, nbytes in shard:
-                self._where[name] = (i, 0, nbytes)
+                self._where[name] = (i, nbytes)
         self._written: dict[str, int] = {}
-        self._weight_map = {name: self.files[i].name for name, (i, _, _) in self._where.items()}
+        self._weight_map = {name: self.files[i].name for name, (i, _) in self._where.items()}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor`` (the whole planned tensor, or its next rows) to ``name``'s bytes."""
-        shard, _, nbytes = self._where[name]
+        shard, nbytes = self._where[name]
         expected = self._expected[shard]
         done = self._written.get(name, 0)
         if done == 0 and (not expected or expected[0] != name):
@@ -249,7 +249,7 @@ class ShardWriter:
         if missing:
             raise RuntimeError(f"shard writer: tensors never written: {missing[:5]}")
         if len(self.files) > 1:
-            total = sum(n for (_, _, n) in self._where.values())
+            total = sum(n for _, n in self._where.values())
             (self.directory / f"{self.files[0].name.split('-')[0]}.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": self._weight_map}, indent=2))
         return self.files

@@ -210,21 +210,27 @@ def _merge(merger, inputs, out, base, params, per_input, force, max_shard_bytes,
                                                                   force)
     start = time.perf_counter()
     plan = [(n, i.dtype, i.shape) for n, i in reference.tensors.items()]
-    with atomic_directory(out) as tmp:
-        writer = ShardWriter(tmp, plan, max_shard_bytes, metadata={"llmgraft_merge": merger.name})
-        count = _stream(merger, parsed, reference, anchor, checkpoints, values,
-                        lambda name, outputs, rows: writer.write(name, outputs["merged"]), progress,
-                        f"merge {merger.name}")
-        files = writer.close()
-        copy_side_files(reference, tmp, skip={REPORT})
-        report = {"method": merger.name, "params": parsed.to_dict(), "base": str(base) if base else None,
-                  "inputs": [str(p) for p in inputs], "per_input": values, "tensors": len(plan),
-                  "merged_tensors": count, "bytes": sum(f.stat().st_size for f in files),
-                  "seconds": round(time.perf_counter() - start, 3)}
-        (tmp / REPORT).write_text(json.dumps(report, indent=2))
-    for c in (*checkpoints, *( [anchor] if anchor else [])):
-        c.close()
+    try:
+        with atomic_directory(out) as tmp:
+            writer = ShardWriter(tmp, plan, max_shard_bytes, metadata={"llmgraft_merge": merger.name})
+            count = _stream(merger, parsed, reference, anchor, checkpoints, values,
+                            lambda name, outputs, rows: writer.write(name, outputs["merged"]), progress,
+                            f"merge {merger.name}")
+            files = writer.close()
+            copy_side_files(reference, tmp, skip={REPORT})
+            report = {"method": merger.name, "params": parsed.to_dict(), "base": str(base) if base else None,
+                      "inputs": [str(p) for p in inputs], "per_input": values, "tensors": len(plan),
+                      "merged_tensors": count, "bytes": sum(f.stat().st_size for f in files),
+                      "seconds": round(time.perf_counter() - start, 3)}
+            (tmp / REPORT).write_text(json.dumps(report, indent=2))
+    finally:
+        _close(checkpoints, anchor)
     return report
+
+
+def _close(checkpoints: Sequence[Checkpoint], anchor: Checkpoint | None) -> None:
+    for checkpoint in (*checkpoints, *([anchor] if anchor is not None else [])):
+        checkpoint.close()
 
 
 # ---- TALL: a compressed multi-task store -----------------------------------------------------------------
@@ -233,7 +239,8 @@ def _merge(merger, inputs, out, base, params, per_input, force, max_shard_bytes,
 def build_tall(base: str | Path, inputs: Sequence[str | Path], out: str | Path, *, lam: float = 0.4,
                lams: Sequence[float] | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write a TALL store: τ_MTL (``task_vector.safetensors``), each task's bit-packed masks
-    (``mask-<t>.safetensors``: one uint8 tensor per weight, 8 entries per byte), and ``tall.json``. ``lams`` sets λ per task (default ``lam`` for all)."""
+    (``mask-<t>.safetensors``: one uint8 tensor per weight, 8 entries per byte), and ``tall.json``.
+    ``lams`` sets λ per task (default ``lam`` for all)."""
     merger = get_registry().get("merger", "tall")
     per_input = None if lams is None else [{"lam": float(v)} for v in lams]
     out, parsed, values, checkpoints, anchor, reference = _prepare(merger, inputs, out, base, {"lam": lam},
@@ -242,33 +249,36 @@ def build_tall(base: str | Path, inputs: Sequence[str | Path], out: str | Path, 
     floating = [(n, i) for n, i in reference.tensors.items() if i.dtype.is_floating_point]
     vector_plan = [(n, i.dtype, i.shape) for n, i in reference.tensors.items()]
     mask_plan = [(n, torch.uint8, (math.ceil(math.prod(i.shape) / 8),)) for n, i in floating]
-    with atomic_directory(out) as tmp:
-        vectors = ShardWriter(tmp, vector_plan, metadata={"llmgraft": STORE_FORMAT}, stem="task_vector")
-        masks = [ShardWriter(tmp, mask_plan, metadata={"llmgraft": STORE_FORMAT, "task": str(t)}, stem=f"mask-{t}")
-                 for t in range(len(checkpoints))]
-        kept = [0] * len(checkpoints)
+    try:
+        with atomic_directory(out) as tmp:
+            vectors = ShardWriter(tmp, vector_plan, metadata={"llmgraft": STORE_FORMAT}, stem="task_vector")
+            masks = [ShardWriter(tmp, mask_plan, metadata={"llmgraft": STORE_FORMAT, "task": str(t)}, stem=f"mask-{t}")
+                     for t in range(len(checkpoints))]
+            kept = [0] * len(checkpoints)
 
-        def write(name, outputs, rows):
-            vectors.write(name, outputs["merged"])  # τ_MTL (integer buffers: the base's own values)
-            for t, writer in enumerate(masks):
-                mask = outputs.get(f"mask/{t}")
-                if mask is not None:
-                    kept[t] += int(mask.sum())
-                    writer.write(name, pack_bits(mask))
+            def write(name, outputs, rows):
+                vectors.write(name, outputs["merged"])  # τ_MTL (integer buffers: the base's own values)
+                for t, writer in enumerate(masks):
+                    mask = outputs.get(f"mask/{t}")
+                    if mask is not None:
+                        kept[t] += int(mask.sum())
+                        writer.write(name, pack_bits(mask))
 
-        _stream(merger, parsed, reference, anchor, checkpoints, values, write, progress, "tall build")
-        vectors.close()
-        for writer in masks:
-            writer.close()
-        total = sum(math.prod(i.shape) for _, i in floating)
-        manifest = {"format": STORE_FORMAT, "base": str(Path(base).resolve()),
-                    "tasks": [str(Path(p).resolve()) for p in inputs],
-                    "lams": [float(v.get("lam", lam)) for v in values], "parameters": total,
-                    "kept_fraction": [k / max(total, 1) for k in kept],
-                    "shapes": {n: list(i.shape) for n, i in floating},
-                    "seconds": round(time.perf_counter() - start, 3)}
-        (tmp / "tall.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
+            _stream(merger, parsed, reference, anchor, checkpoints, values, write, progress, "tall build")
+            vectors.close()
+            for writer in masks:
+                writer.close()
+            total = sum(math.prod(i.shape) for _, i in floating)
+            manifest = {"format": STORE_FORMAT, "base": str(Path(base).resolve()),
+                        "tasks": [str(Path(p).resolve()) for p in inputs],
+                        "lams": [float(v.get("lam", lam)) for v in values], "parameters": total,
+                        "kept_fraction": [k / max(total, 1) for k in kept],
+                        "shapes": {n: list(i.shape) for n, i in floating},
+                        "seconds": round(time.perf_counter() - start, 3)}
+            (tmp / "tall.json").write_text(json.dumps(manifest, indent=2))
+        return manifest
+    finally:
+        _close(checkpoints, anchor)
 
 
 def rebuild_tall(store: str | Path, task: int, out: str | Path, *, base: str | Path | None = None,
@@ -288,27 +298,29 @@ def rebuild_tall(store: str | Path, task: int, out: str | Path, *, base: str | P
     if out.exists() and not force:
         raise CheckpointError(f"{out} exists; pass force=True (--force) to replace it")
     anchor = Checkpoint(base or manifest["base"])
-    vectors = Checkpoint(store / "task_vector.safetensors") if (store / "task_vector.safetensors").exists() \
-        else _store_part(store, "task_vector")
+    vectors = _store_part(store, "task_vector")
     masks = _store_part(store, f"mask-{task}")
     _check_compatible(anchor, [vectors])
     plan = [(n, i.dtype, i.shape) for n, i in anchor.tensors.items()]
-    with atomic_directory(out) as tmp:
-        writer = ShardWriter(tmp, plan, metadata={"llmgraft_tall_task": str(task)})
-        with _progress(len(plan), f"tall rebuild {task}", progress) as bar:
-            for name, info in anchor.tensors.items():
-                theta = anchor.read(name)
-                if info.dtype.is_floating_point:
-                    mask = unpack_bits(masks.read(name), info.shape)
-                    theta = (theta.float() + torch.where(mask, vectors.read(name).float(), 0.0)).to(info.dtype)
-                writer.write(name, theta)
-                bar.update(1)
-        writer.close()
-        copy_side_files(anchor, tmp, skip={REPORT})
-        record = {"tall_store": str(store.resolve()), "task": task, "source": manifest["tasks"][task],
-                  "lam": manifest["lams"][task]}
-        (tmp / REPORT).write_text(json.dumps(record, indent=2))
-    return record
+    try:
+        with atomic_directory(out) as tmp:
+            writer = ShardWriter(tmp, plan, metadata={"llmgraft_tall_task": str(task)})
+            with _progress(len(plan), f"tall rebuild {task}", progress) as bar:
+                for name, info in anchor.tensors.items():
+                    theta = anchor.read(name)
+                    if info.dtype.is_floating_point:
+                        mask = unpack_bits(masks.read(name), info.shape)
+                        theta = (theta.float() + torch.where(mask, vectors.read(name).float(), 0.0)).to(info.dtype)
+                    writer.write(name, theta)
+                    bar.update(1)
+            writer.close()
+            copy_side_files(anchor, tmp, skip={REPORT})
+            record = {"tall_store": str(store.resolve()), "task": task, "source": manifest["tasks"][task],
+                      "lam": manifest["lams"][task]}
+            (tmp / REPORT).write_text(json.dumps(record, indent=2))
+        return record
+    finally:
+        _close([vectors, masks], anchor)
 
 
 def _store_part(store: Path, stem: str) -> Checkpoint:
