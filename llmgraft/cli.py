@@ -6,7 +6,7 @@
     llmgraft demo merge              fine-tunes of the code LM merged by every merger: loss, time, memory
     llmgraft lab --model DIR --prompts FILE --samplers top_p,min_p,top_h,top_w,top_nsigma,p_less
                                      sweep each sampler's knob on your model: table and frontier plot
-    llmgraft merge --method mwa|tall|consensus|ties|task_arithmetic|uniform [--base B] IN... --out O
+    llmgraft merge --method mwa|consensus|ties|task_arithmetic|uniform [--base B] IN... --out O
                                      merge full checkpoints (safetensors), streamed, written atomically
     llmgraft tall build --base B IN... --out STORE  /  llmgraft tall rebuild STORE --task T --out O
 """
@@ -106,13 +106,14 @@ def _assignments(pairs: list[str] | None, what: str) -> dict:
 def _per_input_values(args: argparse.Namespace, count: int) -> list[dict] | None:
     from .hooks.errors import ParamError
 
-    columns = {"loss": args.losses, "step": args.steps, "weight": args.weights, "lam": getattr(args, "lams", None)}
-    given = {k: v for k, v in columns.items() if v}
+    columns = {"loss": ("--losses", args.losses), "step": ("--steps", args.steps),
+               "weight": ("--weights", args.weights)}
+    given = {k: v for k, (_, v) in columns.items() if v}
     if not given:
         return None
     for key, values in given.items():
         if len(values) != count:
-            raise ParamError(f"--{key}s has {len(values)} values for {count} inputs")
+            raise ParamError(f"{columns[key][0]} has {len(values)} values for {count} inputs")
     return [{k: v[i] for k, v in given.items()} for i in range(count)]
 
 
@@ -150,15 +151,27 @@ def cmd_tall(args: argparse.Namespace) -> int:
     from .offline.merge import build_tall, rebuild_tall
 
     if args.tall_command == "build":
+        from pathlib import Path
+
+        from .hooks.errors import ParamError
+        from .offline.merge import check_output
+
         lams = args.lams
+        if lams is not None and len(lams) != len(args.inputs):
+            raise ParamError(f"--lams has {len(lams)} values for {len(args.inputs)} tasks")
+        check_output(args.out, args.force, [*args.inputs, args.base])  # before any search
         if args.eval_data:
-            from .hooks.errors import ParamError
             from .integrations.transformers.evaluate import text_loss
             from .offline.merge import choose_tall_lams
 
+            if lams is not None:
+                raise ParamError("give --lams or --eval-data (which chooses them), not both")
             if len(args.eval_data) != len(args.inputs):
                 raise ParamError(f"--eval-data needs one text file per task ({len(args.inputs)}), got "
                                  f"{len(args.eval_data)}")
+            missing = [f for f in args.eval_data if not Path(f).is_file()]
+            if missing:
+                raise ParamError(f"--eval-data file {missing[0]!r} does not exist")
             lams, scores = choose_tall_lams(args.base, args.inputs,
                                             lambda t, model: text_loss(model, args.eval_data[t]),
                                             candidates=args.candidates)

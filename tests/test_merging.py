@@ -387,3 +387,32 @@ def test_readme_merge_commands(family, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "task1" / "model.safetensors").exists()
     assert len(json.loads((tmp_path / "store" / "tall.json").read_text())["lams"]) == 3
+
+
+def test_outputs_never_replace_inputs_and_carry_no_training_state(family, tmp_path):
+    base, tasks = family
+    with pytest.raises(CheckpointError, match="is or contains the input"):
+        merge_checkpoints("uniform", tasks, tasks[0], force=True, progress=False)
+    with pytest.raises(CheckpointError, match="is or contains the input"):
+        merge_checkpoints("uniform", tasks, tasks[0].parent, force=True, progress=False)
+    assert (tasks[0] / "model.safetensors").exists()
+    merge_checkpoints("mwa", tasks, tmp_path / "m", progress=False)
+    assert not (tmp_path / "m" / "trainer_state.json").exists()  # a later MWA must not read it as a metric
+    with pytest.raises(ParamError, match="mwa reads no per-input 'weight'"):
+        merge_checkpoints("mwa", tasks, tmp_path / "w", per_input=[{"weight": 1.0}] * 3, progress=False)
+
+
+def test_negative_weights_negate_a_task(family, tmp_path):
+    base, tasks = family
+    merge_checkpoints("task_arithmetic", tasks[:1], tmp_path / "neg", base=base, per_input=[{"weight": -1.0}],
+                      progress=False)
+    name = "model.layers.0.mlp.up_proj.weight"
+    theta0, theta1 = state(base)[name].float(), state(tasks[0])[name].float()
+    torch.testing.assert_close(state(tmp_path / "neg")[name].float(), (2 * theta0 - theta1).bfloat16().float())
+
+
+def test_tall_rebuild_refuses_another_base(family, tmp_path, tiny_llama):
+    base, tasks = family
+    build_tall(base, tasks, tmp_path / "store", progress=False)
+    with pytest.raises(CheckpointError, match="is not the base the store was built on"):
+        rebuild_tall(tmp_path / "store", 0, tmp_path / "t0", base=tasks[1], progress=False)

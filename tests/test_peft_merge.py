@@ -162,3 +162,18 @@ def test_saved_adapter_directories_merge_on_their_deltas(peft_model, tiny_llama,
         torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(CheckpointError, match="is a PEFT adapter: merge adapters on their deltas"):
         merge_checkpoints("uniform", dirs, tmp_path / "wrong", progress=False)
+
+
+def test_adapter_merges_refuse_what_they_cannot_do(peft_model, tmp_path):
+    from peft import LoraConfig
+
+    with pytest.raises(ParamError, match="tall produces a task_vector, not merged weights"):
+        merge_adapters(peft_model, ["x", "y"], "tall", "t", rank=4)
+    with pytest.raises(ParamError, match="1 sets of per-input values for 2 adapters"):
+        merge_adapters_into_base(peft_model, ["x", "y"], "mwa", tmp_path / "m", per_input=[{"loss": 1.0}])
+    peft_model.add_adapter("dora", LoraConfig(r=2, target_modules=TARGETS, use_dora=True))
+    with pytest.raises(ParamError, match=r"adapter 'dora' uses DoRA \(use_dora\)"):
+        merge_adapters(peft_model, ["x", "dora"], "uniform", "m")
+    peft_model.add_adapter("saved", LoraConfig(r=2, target_modules=TARGETS, modules_to_save=["lm_head"]))
+    with pytest.raises(ParamError, match="adapter 'saved' uses modules_to_save"):
+        merge_adapters(peft_model, ["x", "saved"], "uniform", "m")

@@ -81,10 +81,12 @@ class SafetensorsFile:
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{self.path}: malformed header entry for tensor {name!r}") from None
             expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if end - begin != expected or begin < 0 or base + end > size:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has {end - begin} bytes at [{begin}, {end}) "
-                                      f"but {shape} {entry['dtype']} needs {expected} (file of {size} bytes): "
-                                      "the file is truncated or corrupted")
+            if end - begin != expected or begin < 0:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has {end - begin} bytes but {shape} "
+                                      f"{entry['dtype']} needs {expected}: the file is corrupted")
+            if base + end > size:
+                raise CheckpointError(f"{self.path}: tensor {name!r} runs past the end of the file ({base + end} > "
+                                      f"{size} bytes): the file is truncated or corrupted")
             self.tensors[name] = TensorInfo(name, dtype, shape, self.path, base + begin, base + end)
         self._map: mmap.mmap | None = None
 

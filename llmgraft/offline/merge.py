@@ -28,6 +28,8 @@ WORKING_BYTES = 96 << 20
 _BYTES_PER_ELEMENT = 14
 STORE_FORMAT = "llmgraft-tall/1"
 REPORT = "llmgraft_merge.json"
+#: Files of an input that describe its training, not the merged result (MWA would read them back wrongly).
+NOT_CARRIED = {REPORT, "trainer_state.json", "tall.json"}
 
 
 def trainer_metrics(checkpoint: str | Path) -> dict[str, float]:
@@ -107,6 +109,23 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled)
 
 
+def fingerprint(checkpoint: Checkpoint) -> str:
+    """A digest of a checkpoint's tensor names, shapes and first and last bytes of each: cheap, and enough to
+    tell a store's base from another model of the same shapes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, info in checkpoint.tensors.items():
+        digest.update(f"{name}{info.shape}{info.dtype}".encode())
+        edge = min(64, info.nbytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            digest.update(f.read(edge))
+            f.seek(info.end - edge)
+            digest.update(f.read(edge))
+    return digest.hexdigest()
+
+
 class _FileRows:
     """Row ranges of one tensor of a checkpoint, read on demand (``kernels.merging.Rows``'s interface)."""
 
@@ -123,6 +142,10 @@ def _per_input(merger, count: int, values: Sequence[Mapping[str, Any]] | None, p
     given = [dict(v) for v in values] if values is not None else [{} for _ in range(count)]
     if len(given) != count:
         raise ParamError(f"{len(given)} sets of per-input values for {count} inputs")
+    unread = sorted({k for v in given for k in v} - set(merger.input_values))
+    if unread:
+        raise ParamError(f"{merger.name} reads no per-input {', '.join(map(repr, unread))} (it reads: "
+                         f"{', '.join(merger.input_values) or 'nothing'})")
     if merger.input_values:
         for values_i, path in zip(given, paths):
             for key, value in trainer_metrics(path).items():
@@ -182,12 +205,26 @@ def merge_checkpoints(method: str, inputs: Sequence[str | Path], out: str | Path
     return _merge(merger, inputs, out, base, params, per_input, force, max_shard_bytes, progress)
 
 
+def check_output(out: str | Path, force: bool, sources: Sequence[str | Path | None]) -> Path:
+    """The output path, refused when it exists without ``force`` or when it is, or holds, one of the sources
+    (replacing it would delete an input)."""
+    out = Path(out)
+    target = out.resolve()
+    for source in sources:
+        if source is None:
+            continue
+        path = Path(source).resolve()
+        if path == target or target in path.parents:
+            raise CheckpointError(f"the output {out} is or contains the input {source}: choose another --out")
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} exists; pass force=True (--force) to replace it")
+    return out
+
+
 def _prepare(merger, inputs, out, base, params, per_input, force):
     if len(inputs) < 1:
         raise ParamError("merging needs at least one input")
-    out = Path(out)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out} exists; pass force=True (--force) to replace it")
+    out = check_output(out, force, [*inputs, base])
     if merger.needs_base and base is None:
         raise ParamError(f"{merger.name} merges task vectors: it needs the base model (--base)")
     parsed = merger.params_cls.from_mapping(params or {})
@@ -217,7 +254,7 @@ def _merge(merger, inputs, out, base, params, per_input, force, max_shard_bytes,
                             lambda name, outputs, rows: writer.write(name, outputs["merged"]), progress,
                             f"merge {merger.name}")
             files = writer.close()
-            copy_side_files(reference, tmp, skip={REPORT})
+            copy_side_files(reference, tmp, skip=NOT_CARRIED)
             report = {"method": merger.name, "params": parsed.to_dict(), "base": str(base) if base else None,
                       "inputs": [str(p) for p in inputs], "per_input": values, "tensors": len(plan),
                       "merged_tensors": count, "bytes": sum(f.stat().st_size for f in files),
@@ -270,6 +307,7 @@ def build_tall(base: str | Path, inputs: Sequence[str | Path], out: str | Path, 
                 writer.close()
             total = sum(math.prod(i.shape) for _, i in floating)
             manifest = {"format": STORE_FORMAT, "base": str(Path(base).resolve()),
+                        "base_fingerprint": fingerprint(anchor),
                         "tasks": [str(Path(p).resolve()) for p in inputs],
                         "lams": [float(v.get("lam", lam)) for v in values], "parameters": total,
                         "kept_fraction": [k / max(total, 1) for k in kept],
@@ -294,10 +332,11 @@ def rebuild_tall(store: str | Path, task: int, out: str | Path, *, base: str | P
     tasks = len(manifest["tasks"])
     if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < tasks:
         raise ParamError(f"task must be an index in [0, {tasks}) (the store holds {tasks} tasks), got {task!r}")
-    out = Path(out)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out} exists; pass force=True (--force) to replace it")
+    out = check_output(out, force, [store, base or manifest["base"]])
     anchor = Checkpoint(base or manifest["base"])
+    if manifest.get("base_fingerprint") and fingerprint(anchor) != manifest["base_fingerprint"]:
+        raise CheckpointError(f"{anchor.path} is not the base the store was built on ({manifest['base']}): its "
+                              "tensors differ")
     vectors = _store_part(store, "task_vector")
     masks = _store_part(store, f"mask-{task}")
     _check_compatible(anchor, [vectors])
@@ -309,12 +348,17 @@ def rebuild_tall(store: str | Path, task: int, out: str | Path, *, base: str | P
                 for name, info in anchor.tensors.items():
                     theta = anchor.read(name)
                     if info.dtype.is_floating_point:
-                        mask = unpack_bits(masks.read(name), info.shape)
+                        packed = masks.read(name)
+                        size = math.ceil(math.prod(info.shape) / 8)
+                        if packed.numel() != size:
+                            raise CheckpointError(f"{store}: the mask of {name!r} for task {task} has "
+                                                  f"{packed.numel()} bytes, not {size}")
+                        mask = unpack_bits(packed, info.shape)
                         theta = (theta.float() + torch.where(mask, vectors.read(name).float(), 0.0)).to(info.dtype)
                     writer.write(name, theta)
                     bar.update(1)
             writer.close()
-            copy_side_files(anchor, tmp, skip={REPORT})
+            copy_side_files(anchor, tmp, skip=NOT_CARRIED)
             record = {"tall_store": str(store.resolve()), "task": task, "source": manifest["tasks"][task],
                       "lam": manifest["lams"][task]}
             (tmp / REPORT).write_text(json.dumps(record, indent=2))

@@ -12,6 +12,7 @@ the formulas are in ``llmgraft.kernels.merging``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,14 +31,14 @@ _LAM = {"lam": "TALL lambda of this task (default: the lam parameter)"}
 @dataclass(frozen=True)
 class TaskArithmeticParams(Params):
     owner = "task_arithmetic"
-    scale: float = param(1.0, range="[0, 100]", help="lambda: the scale of the summed task vectors")
+    scale: float = param(1.0, range="[-100, 100]", help="lambda: the scale of the summed task vectors (< 0: negation)")
 
 
 @dataclass(frozen=True)
 class TiesParams(Params):
     owner = "ties"
     density: float = param(0.2, range="(0, 1]", help="fraction of each task vector's largest entries kept")
-    scale: float = param(1.0, range="[0, 100]", help="lambda: the scale of the merged task vector")
+    scale: float = param(1.0, range="[-100, 100]", help="lambda: the scale of the merged task vector")
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class ConsensusParams(Params):
     owner = "consensus"
     k: int = param(2, range="[1, 1000]", help="keep entries present in at least k task masks")
     lam: float = param(0.4, range="[0, 100]", help="TALL mask threshold of every task")
-    scale: float = param(1.0, range="[0, 100]", help="alpha: the scale of the kept task vector")
+    scale: float = param(1.0, range="[-100, 100]", help="alpha: the scale of the kept task vector")
     base_method: str = choice("task_arithmetic", ("task_arithmetic", "ties"),
                               help="the task vector the consensus mask filters")
     density: float = param(0.2, range="(0, 1]", help="TIES trim density (base_method ties)")
@@ -74,11 +75,12 @@ class TaskVectors(Merger):
 
     def check_inputs(self, per_input, params):
         for i, values in enumerate(per_input):
-            for key in ("weight", "lam"):
+            for key, low in (("weight", -math.inf), ("lam", 0.0)):  # a negative weight negates a task
                 value = values.get(key)
                 if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                          or value < 0):
-                    raise ParamError(f"{self.name}: input {i}: {key} must be a number >= 0, got {value!r}")
+                                          or value < low):
+                    bound = "a number" if low == -math.inf else "a number >= 0"
+                    raise ParamError(f"{self.name}: input {i}: {key} must be {bound}, got {value!r}")
         if self.kind == "consensus" and params.k > len(per_input):
             raise ParamError(f"consensus: k={params.k} exceeds the number of inputs ({len(per_input)}): no entry "
                              "could be kept")

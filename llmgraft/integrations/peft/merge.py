@@ -33,10 +33,26 @@ def _lora_layers(model, adapters: Sequence[str]) -> dict[str, Any]:
             raise ParamError(f"no adapter named {name!r} in the model (adapters: {', '.join(configs)})")
         if getattr(configs[name].peft_type, "value", configs[name].peft_type) != "LORA":
             raise ParamError(f"adapter {name!r} is {configs[name].peft_type}, not LoRA")
+    for name in adapters:  # what a merge of lora_A/lora_B alone would silently get wrong
+        config = configs[name]
+        unsupported = [label for label, present in (
+            ("DoRA (use_dora)", getattr(config, "use_dora", False)),
+            ("modules_to_save", bool(getattr(config, "modules_to_save", None))),
+            ("layers_to_transform", getattr(config, "layers_to_transform", None) is not None),
+            ("rank_pattern/alpha_pattern", bool(getattr(config, "rank_pattern", None))
+             or bool(getattr(config, "alpha_pattern", None))),
+        ) if present]
+        if unsupported:
+            raise ParamError(f"adapter {name!r} uses {', '.join(unsupported)}, which llmgraft's adapter merge does "
+                             "not support yet (it merges plain LoRA deltas B·A·scale)")
     bases = {configs[n].base_model_name_or_path for n in adapters} - {None}  # add_adapter leaves it unset
     if len(bases) > 1:
         raise ParamError(f"adapters {list(adapters)} come from different base models: {sorted(map(str, bases))}")
     layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    embedded = [n for n, m in layers.items() if any(a in getattr(m, "lora_embedding_A", {}) for a in adapters)]
+    if embedded:
+        raise ParamError(f"the adapters adapt embedding layers ({embedded[0]}), which llmgraft's adapter merge does "
+                         "not support yet")
     where = {a: {n for n, m in layers.items() if a in m.lora_A} for a in adapters}
     first = where[adapters[0]]
     for a in adapters[1:]:
@@ -53,6 +69,20 @@ def _delta(layer, adapter: str) -> torch.Tensor:
     return layer.scaling[adapter] * (b @ a)
 
 
+def _method(method: str, params, per_input, adapters):
+    """The merger, its parsed parameters and per-input values, checked for an adapter merge."""
+    merger = get_registry().get("merger", method)
+    if merger.merged_is != "model":
+        raise ParamError(f"{method} produces a {merger.merged_is}, not merged weights: build it from full "
+                         "checkpoints (llmgraft tall build)")
+    parsed = merger.params_cls.from_mapping(params or {})
+    values = [dict(v) for v in per_input] if per_input is not None else [{} for _ in adapters]
+    if len(values) != len(adapters):
+        raise ParamError(f"{len(values)} sets of per-input values for {len(adapters)} adapters")
+    merger.check_inputs(values, parsed)
+    return merger, parsed, values
+
+
 def merge_adapters(model, adapters: Sequence[str], method: str, adapter_name: str = "merged", *,
                    params: Mapping[str, Any] | None = None, per_input: Sequence[Mapping[str, Any]] | None = None,
                    rank: int | None = None) -> dict[str, Any]:
@@ -63,12 +93,7 @@ def merge_adapters(model, adapters: Sequence[str], method: str, adapter_name: st
     factorisation (0 when exact)."""
     from peft import LoraConfig
 
-    merger = get_registry().get("merger", method)
-    parsed = merger.params_cls.from_mapping(params or {})
-    values = [dict(v) for v in per_input] if per_input is not None else [{} for _ in adapters]
-    if len(values) != len(adapters):
-        raise ParamError(f"{len(values)} sets of per-input values for {len(adapters)} adapters")
-    merger.check_inputs(values, parsed)
+    merger, parsed, values = _method(method, params, per_input, adapters)
     if adapter_name in model.peft_config:
         raise ParamError(f"an adapter named {adapter_name!r} already exists")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -76,9 +101,9 @@ def merge_adapters(model, adapters: Sequence[str], method: str, adapter_name: st
     layers = _lora_layers(model, list(adapters))
     exact = merger.linear and rank is None
     if not merger.linear and rank is None:
-        raise ParamError(f"{method} gives full-rank deltas: pass rank=r to re-factorise them with an SVD (the "
-                         "relative error is reported), or write a full merged model with "
-                         "merge_adapters_into_base")
+        raise ParamError(f"{method} gives full-rank deltas: pass rank=r (CLI: --rank) to re-factorise them with an "
+                         "SVD (the relative error is reported), or write a full merged model with "
+                         "merge_adapters_into_base (CLI: --into-base)")
     factors, errors, total, residual = {}, {}, 0.0, 0.0
     if exact:
         c0, cs = linear_coefficients(merger, parsed, values)
@@ -135,13 +160,10 @@ def merge_adapters_into_base(model, adapters: Sequence[str], method: str, out: s
                              tokenizer=None) -> dict[str, Any]:
     """Write a full model directory: the base weights plus the merged dense delta of ``adapters``, for any
     method (masked methods' deltas are full rank). The PEFT model itself is left unchanged."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out} exists; pass force=True to replace it")
-    merger = get_registry().get("merger", method)
-    parsed = merger.params_cls.from_mapping(params or {})
-    values = [dict(v) for v in per_input] if per_input is not None else [{} for _ in adapters]
-    merger.check_inputs(values, parsed)
+    from ...offline.merge import check_output
+
+    out = check_output(out, force, [])
+    merger, parsed, values = _method(method, params, per_input, adapters)
     layers = _lora_layers(model, list(adapters))
     base_model = model.get_base_model()
     relative = {id(module): name for name, module in base_model.named_modules()}
@@ -198,10 +220,12 @@ def merge_adapter_dirs(adapters: Sequence[str | Path], method: str, out: str | P
 
     from ...offline.merge import trainer_metrics
 
+    from ...offline.merge import check_output
+
     paths = [Path(p) for p in adapters]
-    out = Path(out)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out} exists; pass force=True (--force) to replace it")
+    out = check_output(out, force, [*paths, base])
+    if into_base and rank is not None:
+        raise ParamError("rank applies to a merged adapter; a full merged model (into_base) has no rank")
     configs = []
     for path in paths:
         if not is_adapter_dir(path):
@@ -220,7 +244,8 @@ def merge_adapter_dirs(adapters: Sequence[str | Path], method: str, out: str | P
         for key, metric in trainer_metrics(path).items():
             if key in merger.input_values:
                 value.setdefault(key, metric)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    # The base's own dtype (a full merged model keeps it); adapters merge in float32 whatever it is.
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto" if into_base else torch.float32)
     names = [f"input{i}" for i in range(len(paths))]
     model = PeftModel.from_pretrained(model, str(paths[0]), adapter_name=names[0])
     for name, path in zip(names[1:], paths[1:]):
@@ -234,7 +259,7 @@ def merge_adapter_dirs(adapters: Sequence[str | Path], method: str, out: str | P
         return merge_adapters_into_base(model, names, method, out, params=params, per_input=values, force=force,
                                         tokenizer=tokenizer)
     report = merge_adapters(model, names, method, "merged", params=params, per_input=values, rank=rank)
-    model.peft_config["merged"].base_model_name_or_path = str(base)
+    model.peft_config["merged"].base_model_name_or_path = str(Path(base).resolve())
     with atomic_directory(out) as tmp:
         model.save_pretrained(str(tmp), selected_adapters=["merged"])
         saved = tmp / "merged" if (tmp / "merged").is_dir() else tmp
