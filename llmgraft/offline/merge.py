@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -402,5 +403,7 @@ def choose_tall_lams(base: str | Path, inputs: Sequence[str | Path], score: Call
                 model = Path(scratch) / f"task-{t}"
                 rebuild_tall(store, t, model, force=True, progress=False)
                 scores[lam].append(float(score(t, model)))
+                shutil.rmtree(model)
+            shutil.rmtree(store)  # one candidate on disk at a time
     chosen = [min(candidates, key=lambda lam: (scores[lam][t], lam)) for t in range(len(inputs))]
     return [float(c) for c in chosen], scores
