@@ -232,7 +232,7 @@ def write_report(results: list[dict], out_dir: Path, model: str, samples: int, m
     from .report import format_table, frontier_plot, markdown_table
 
     headers = ["sampler", "knob", "T", "distinct-2", "valid Python %", "NLL (T=1)", "mean kept"]
-    rows = [[r["sampler"], f"{r['knob']}={r['value']:g}", r["temperature"], r["distinct_2"], 100 * r["valid"],
+    rows = [[r["sampler"], f"{r['knob']}={r['value']:g}", f"{r['temperature']:.1f}", r["distinct_2"], 100 * r["valid"],
              r["nll"], r["kept"]] for r in results]
     title = (f"Sampler lab on {model}: {samples} samples per prompt, {max_tokens} tokens; distinct-2 within a "
              "prompt's samples; valid = the first logical line parses; NLL per token under the model at T=1")
@@ -250,8 +250,9 @@ def write_report(results: list[dict], out_dir: Path, model: str, samples: int, m
     (out_dir / "lab.md").write_text(f"# {title}\n\n{markdown_table(headers, rows)}\n\n"
                                     + "".join(f"- {c}\n" for c in claims))
     curves: dict[str, list[tuple[float, float, str]]] = {}
-    for r in results:
-        curves.setdefault(r["sampler"], []).append((r["distinct_2"], 100 * r["valid"], f"{r['value']:g}"))
+    for r in results:  # the legend names each curve's knob; the points carry its values
+        curves.setdefault(f"{r['sampler']} ({r['knob']})", []).append(
+            (r["distinct_2"], 100 * r["valid"], f"{r['value']:g}"))
     frontier_plot(out_dir / "frontier.png", curves, f"Quality frontier on {model}",
                   "diversity: distinct-2 within a prompt's samples", "coherence: valid Python statements %")
     (out_dir / "lab.json").write_text(json.dumps(results, indent=1))
