@@ -74,6 +74,13 @@ def linear_coefficients(merger, params, per_input: list[dict]) -> tuple[float, l
     return c0, cs
 
 
+def merge_whole(merger, name: str, base: torch.Tensor | None, inputs: Sequence[torch.Tensor],
+                per_input: Sequence[Mapping[str, Any]], params) -> dict[str, torch.Tensor]:
+    """One whole tensor merged as every driver does it: each input's ``tensor_stats``, then ``merge``."""
+    stats = [merger.tensor_stats(name, base, t, params) for t in inputs]
+    return merger.merge(name, base, list(inputs), [{**v, **s} for v, s in zip(per_input, stats)], params)
+
+
 def _open(paths: Sequence[str | Path]) -> list[Checkpoint]:
     return [Checkpoint(p) for p in paths]
 
@@ -171,11 +178,9 @@ def _stream(merger, params, reference: Checkpoint, base: Checkpoint | None, inpu
             row_elements = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
             ranges = _chunks(rows, row_elements, len(inputs)) if merger.elementwise and info.shape else [(0, rows)]
             if len(ranges) == 1:
-                tensors = [c.read(name) for c in inputs]
                 anchor = base.read(name) if base is not None else None
-                stats = [merger.tensor_stats(name, anchor, t, params) for t in tensors]
-                write(name, merger.merge(name, anchor, tensors, [{**v, **s} for v, s in zip(per_input, stats)],
-                                         params), None)
+                write(name, merge_whole(merger, name, anchor, [c.read(name) for c in inputs], per_input, params),
+                      None)
             else:  # whole-tensor statistics one input at a time (if any), then row chunks of all inputs
                 values = per_input
                 if merger.needs_tensor_stats(params):  # read through row readers, never whole

@@ -148,8 +148,9 @@ def check_sampler(sampler: Any) -> None:
 
 def _merge_all(merger: Any, name: str, base, inputs, per_input, params) -> dict:
     """What a driver does for one tensor: whole-tensor statistics per input, then the merge."""
-    stats = [merger.tensor_stats(name, base, t, params) for t in inputs]
-    return merger.merge(name, base, inputs, [{**v, **s} for v, s in zip(per_input, stats)], params)
+    from ..offline.merge import merge_whole
+
+    return merge_whole(merger, name, base, inputs, per_input, params)
 
 
 def check_merger(merger: Any) -> None:

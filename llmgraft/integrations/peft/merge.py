@@ -20,7 +20,7 @@ import torch
 from ...hooks import get_registry
 from ...hooks.errors import CheckpointError, ParamError
 from ...io import atomic_directory
-from ...offline.merge import linear_coefficients
+from ...offline.merge import linear_coefficients, merge_whole
 
 
 def _lora_layers(model, adapters: Sequence[str]) -> dict[str, Any]:
@@ -67,6 +67,13 @@ def _delta(layer, adapter: str) -> torch.Tensor:
     a = layer.lora_A[adapter].weight.detach().float()
     b = layer.lora_B[adapter].weight.detach().float()
     return layer.scaling[adapter] * (b @ a)
+
+
+def _dense_merge(merger, params, values, name: str, layer, adapters: Sequence[str]) -> torch.Tensor:
+    """The merged dense delta of one layer: the merger over the adapters' ΔW, with a zero base (so task
+    vectors are the deltas themselves)."""
+    deltas = [_delta(layer, x) for x in adapters]
+    return merge_whole(merger, name, torch.zeros_like(deltas[0]), deltas, values, params)["merged"]
 
 
 def _method(method: str, params, per_input, adapters):
@@ -120,10 +127,7 @@ def merge_adapters(model, adapters: Sequence[str], method: str, adapter_name: st
     else:
         new_rank = rank
         for name, layer in layers.items():
-            deltas = [_delta(layer, x) for x in adapters]
-            zero = torch.zeros_like(deltas[0])
-            stats = [merger.tensor_stats(name, zero, d, parsed) for d in deltas]
-            merged = merger.merge(name, zero, deltas, [{**v, **s} for v, s in zip(values, stats)], parsed)["merged"]
+            merged = _dense_merge(merger, parsed, values, name, layer, adapters)
             u, s, vh = torch.linalg.svd(merged.float(), full_matrices=False)
             r = min(rank, s.numel())
             b = (u[:, :r] * s[:r]).float()
@@ -170,11 +174,7 @@ def merge_adapters_into_base(model, adapters: Sequence[str], method: str, out: s
     merged_deltas = {}
     for _, layer in layers.items():
         name = relative[id(layer)]  # the module's name inside the base model's state dict
-        deltas = [_delta(layer, x) for x in adapters]
-        zero = torch.zeros_like(deltas[0])
-        stats = [merger.tensor_stats(name, zero, d, parsed) for d in deltas]
-        merged_deltas[name] = merger.merge(name, zero, deltas, [{**v, **s} for v, s in zip(values, stats)],
-                                           parsed)["merged"]
+        merged_deltas[name] = _dense_merge(merger, parsed, values, name, layer, adapters)
     with torch.no_grad():
         state = {}
         for key, value in base_model.state_dict().items():
