@@ -19,9 +19,9 @@ reported, not bounded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -67,34 +67,21 @@ def run_load(args, scratch: Path, plain: bool) -> dict:
     from tqdm import tqdm
 
     from llmgraft.testing.load import fire, mixed_requests
+    from llmgraft.testing.server import openai_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", PYTHONPATH=str(scratch / "site"))
     argv = _server_argv()
     if plain:
         at = argv.index("--additional-config")
         del argv[at:at + 2]
     log_path = scratch / f"server-{'plain' if plain else 'llmgraft'}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([*argv, "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-                                 "--max-num-seqs", str(args.concurrency)], stdout=log, stderr=subprocess.STDOUT,
-                                cwd=ROOT, env=env)
-    base = f"http://127.0.0.1:{port}"
     label = "vLLM alone" if plain else "llmgraft mix"
-    try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                sys.exit(f"server exited:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    sys.exit("server did not start in 300 s")
-                time.sleep(1)
+    with contextlib.ExitStack() as stack:
+        try:
+            proc, base = stack.enter_context(openai_server(
+                [*argv, "--enforce-eager", "--max-num-seqs", str(args.concurrency)], log_path, env, ROOT, timeout=300))
+        except RuntimeError as exc:
+            sys.exit(str(exc))
         mix = dict(invalid_share=0.0 if plain else 0.2, stream_share=0.3, hang_up_share=1 / 3, samplers=not plain)
         with tqdm(total=args.warmup, desc=f"{label}: warm-up", unit="req") as bar:
             fire(base, mixed_requests(args.warmup, seed=0, **mix), args.concurrency, progress=bar)
@@ -113,12 +100,6 @@ def run_load(args, scratch: Path, plain: bool) -> dict:
         after = _rss_by_process(proc.pid)
         with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
             healthy = r.status == 200
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     return {"outcomes": outcomes, "seconds": seconds, "before": before, "after": after, "rss": rss,
             "healthy": healthy}
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,9 @@ import pytest
 from conftest import ROOT
 from readme_blocks import block
 
+from llmgraft.testing.server import free_port, openai_server
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def readme_server() -> tuple[list[str], str]:
@@ -43,34 +38,13 @@ def _start(argv: list[str], log, env: dict) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def server(plugin_site, tmp_path_factory):
     argv, curl = readme_server()
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", PYTHONPATH=str(plugin_site))
-    with open(log, "w") as out:
-        proc = _start([*argv, "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "8", "--enforce-eager"],
-                      out, env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server did not start in 240 s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
-        yield base, curl.replace("localhost:8000", f"127.0.0.1:{port}")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with openai_server([*argv, "--max-num-seqs", "8", "--enforce-eager"], log, env, ROOT) as (_, base):
+            yield base, curl.replace("localhost:8000", base.removeprefix("http://"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def complete(base: str, **body) -> tuple[int, dict]:
@@ -135,7 +109,7 @@ def test_bad_server_config_stops_with_its_reason_last(tmp_path):
     argv[config] = json.dumps({"llmgraft": {"sampler": "top_h", "top_h": 5}})
     log = tmp_path / "bad.log"
     with open(log, "w") as out:
-        proc = _start([*argv, "--host", "127.0.0.1", "--port", str(_free_port()), "--enforce-eager"], out,
+        proc = _start([*argv, "--host", "127.0.0.1", "--port", str(free_port()), "--enforce-eager"], out,
                       dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"))
         assert proc.wait(240) != 0
     last = log.read_text().rstrip().splitlines()[-1]
