@@ -43,16 +43,31 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on a server)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def bar_plot(path: str | Path, groups: Sequence[str], series: dict[str, Sequence[float]], title: str,
              log_scale: Sequence[str] = ()) -> Path:
     """One bar-chart panel per series (metric), bars per group (e.g. sampler); saved as PNG.
 
     Series named in ``log_scale`` get a logarithmic y axis (for values spanning decades).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.6), squeeze=False)
     for ax, (name, values) in zip(axes[0], series.items()):
@@ -62,20 +77,13 @@ def bar_plot(path: str | Path, groups: Sequence[str], series: dict[str, Sequence
         if name in log_scale:
             ax.set_yscale("log")
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def ratio_plot(path: str | Path, groups: Sequence[str], series: dict[str, Sequence[tuple[float, float, float]]],
                title: str, ylabel: str, target: float = 1.0) -> Path:
     """Grouped bars of ratios (median, with min-max whiskers) per group, and a dashed line at ``target``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 3.8))
     width = 0.8 / len(series)
@@ -89,20 +97,13 @@ def ratio_plot(path: str | Path, groups: Sequence[str], series: dict[str, Sequen
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def frontier_plot(path: str | Path, curves: dict[str, Sequence[tuple[float, float, str]]], title: str,
                   xlabel: str, ylabel: str) -> Path:
     """One line per curve through its (x, y) points, each point labelled with its note (the knob value)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     markers = "osD^v<>ph*"
@@ -117,8 +118,4 @@ def frontier_plot(path: str | Path, curves: dict[str, Sequence[tuple[float, floa
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
