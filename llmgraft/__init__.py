@@ -9,7 +9,9 @@ framework: plugins load on the first :func:`get_registry` call.
 """
 
 from .hooks import (
+    AdaptedLayer,
     Adapter,
+    AdapterState,
     Attention,
     KVManager,
     LLMGraftError,
@@ -39,6 +41,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'llmgraft' has no attribute {name!r}")
 
 
-__all__ = ["Adapter", "Attention", "KVManager", "LLMGraftError", "Merger", "Optimizer", "ParamError", "Params",
+__all__ = ["AdaptedLayer", "Adapter", "AdapterState", "Attention", "KVManager", "LLMGraftError", "Merger", "Optimizer", "ParamError", "Params",
            "PluginLoadError", "Sampler", "UnknownPluginError", "__version__", "choice", "get_registry",
            "hookimpl", "param", "per_row", "sanitize_logits_"]

@@ -6,6 +6,7 @@ contract fails a method that breaks one of its promises.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from types import SimpleNamespace
 
@@ -43,7 +44,11 @@ def _like(registry: Registry, family: str, name: str, **methods) -> object:
         attributes["check_inputs"] = lambda self, *a: original.check_inputs(*a)
         attributes["tensor_stats"] = lambda self, *a: original.tensor_stats(*a)
         attributes["needs_tensor_stats"] = lambda self, *a: original.needs_tensor_stats(*a)
-    for op in ("apply", "merge", "select", "keep", "run", "init_state", "delta_weight"):
+    if family == "adapter":  # adapters must subclass Adapter
+        bases, attributes["title"] = (FAMILIES["adapter"].base,), original.title
+        attributes["group"] = lambda self, *a: original.group(*a)
+        attributes["scaling"] = lambda self, *a: original.scaling(*a)
+    for op in ("apply", "merge", "select", "keep", "run", "init_state", "factors"):
         if hasattr(original, op):
             attributes[op] = (lambda f: lambda self, *a: f(*a))(methods.get(op, getattr(original, op)))
     return type("Broken", bases, attributes)()
@@ -65,6 +70,13 @@ def _merge_chunk_blind(ties):
         name, base, inputs, [{k: v for k, v in d.items() if k != "threshold"} for d in per_input], params)
 
 
+def _unseeded_init(mos):
+    """MoS drawing its shard indices from the global RNG, so two inits of one config differ."""
+    def init_state(layers, params):
+        return mos.init_state(layers, dataclasses.replace(params, seed=int(torch.randint(0, 2**31, ()))))
+    return init_state
+
+
 def _write_pickle(optimizer):
     def run(src, dst, params):
         report = optimizer.run(src, dst, params)
@@ -83,7 +95,8 @@ BROKEN = [
     ("attention", "last_k", lambda r: {"select": lambda q, k, p: torch.tensor([3, 1])}, "sorted"),
     ("kv_manager", "recent", lambda r: {"keep": lambda k, v, p: torch.tensor([11, 12])}, r"lie in \[0, 12\)"),
     ("optimizer", "copy", lambda r: {"run": _write_pickle(r.get("optimizer", "copy"))}, "no pickled weights"),
-    ("adapter", "dense", lambda r: {"delta_weight": lambda s, m, p: s[m].T}, "module's shape"),
+    ("adapter", "plain_lora", lambda r: {"factors": lambda s, o, f, p: (o["A"], o["B"].T)}, "factors of"),
+    ("adapter", "mos", lambda r: {"init_state": _unseeded_init(r.get("adapter", "mos"))}, "deterministic"),
 ]
 
 

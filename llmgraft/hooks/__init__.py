@@ -1,13 +1,14 @@
 """The llmgraft core: hook specs, the plugin registry, family base classes, parameters and errors."""
 
 from .errors import CheckpointError, LLMGraftError, ParamError, PluginLoadError, UnknownPluginError
-from .families import FAMILIES, Adapter, Attention, Family, KVManager, Merger, Method, Optimizer, Sampler
+from .families import (FAMILIES, AdaptedLayer, Adapter, AdapterState, Attention, Family, KVManager, Merger, Method,
+                       Optimizer, Sampler)
 from .manager import ENTRY_POINT_GROUP, Registry, get_registry, reset_registry
 from .params import Params, choice, param, per_row
 from .specs import hookimpl, hookspec
 
 __all__ = [
-    "FAMILIES", "ENTRY_POINT_GROUP", "Adapter", "Attention", "CheckpointError", "Family", "KVManager",
+    "FAMILIES", "ENTRY_POINT_GROUP", "AdaptedLayer", "Adapter", "AdapterState", "Attention", "CheckpointError", "Family", "KVManager",
     "LLMGraftError", "Merger", "Method", "Optimizer", "ParamError", "Params", "PluginLoadError", "Registry",
     "Sampler", "UnknownPluginError", "choice", "get_registry", "hookimpl", "hookspec", "param", "per_row",
     "reset_registry",

@@ -167,19 +167,84 @@ class Optimizer(Method):
         raise NotImplementedError
 
 
-class Adapter(Method):
-    """A parameter-efficient adapter type (first sketch).
+@dataclass(frozen=True)
+class AdaptedLayer:
+    """One linear layer an adapter adapts: its module name in the model, its group (the layers that share
+    state: MoS's module type), its position within the group in model order, and its shape."""
 
-    ``init_state(shapes, params)`` creates the trainable tensors for target modules given their
-    (d_out, d_in) shapes, and ``delta_weight(state, module, params)`` gives the dense ΔW [d_out, d_in] of
-    one module (for export and merging).
+    name: str
+    group: str
+    index: int
+    d_in: int
+    d_out: int
+
+
+@dataclass
+class AdapterState:
+    """The tensors of one adapter on one model, as ``Adapter.init_state`` creates them.
+
+    ``shared[group]``: trainable tensors every layer of the group reads (MoS's shard pools), owned by the
+    model and saved once. ``own[layer]``: trainable tensors of one layer (LoRA's A and B). ``fixed[layer]``:
+    non-trainable tensors of one layer saved with the adapter (MoS's shard indices). Every layer has at least
+    one ``own`` or ``fixed`` tensor, so a saved adapter names the layers it adapts.
     """
 
-    def init_state(self, shapes: dict[str, tuple[int, int]], params: Params) -> dict[str, torch.Tensor]:
+    shared: dict[str, dict[str, torch.Tensor]]
+    own: dict[str, dict[str, torch.Tensor]]
+    fixed: dict[str, dict[str, torch.Tensor]]
+
+
+class Adapter(Method):
+    """A low-rank adapter type: each adapted linear layer l gains ΔW_l = scaling · B_l A_l, with factors
+    A_l [r, d_in] and B_l [d_out, r] built from trainable state that layers may share.
+
+    ``init_state(layers, params)`` creates the state of every adapted layer at once (shared state needs to
+    know all the layers of its group), deterministically for given params. ``factors(shared, own, fixed,
+    params)`` builds (A_l, B_l) of one layer from its group's ``shared`` tensors and its ``own`` and
+    ``fixed`` ones, differentiably. Hosts add ``scaling · B_l(A_l(dropout(x)))`` to the layer's output,
+    merge ``delta_weight`` into the weight, and export (A_l, B_l) as plain LoRA. The parameters must have
+    ``dropout`` (a probability) and ``init_weights`` (True: ΔW starts at 0; False: a random non-zero ΔW).
+    """
+
+    #: Display name: the PEFT config class is ``<title>Config`` and its peft_type ``title.upper()``.
+    title: ClassVar[str]
+
+    @staticmethod
+    def check_declaration(obj: Any) -> None:
+        if not isinstance(obj, Adapter):
+            raise TypeError(f"adapter {obj.name!r}: subclass llmgraft.Adapter (hosts use its `group`, `scaling` "
+                            "and `delta_weight`, which have their defaults there)")
+        fields = obj.params_cls.field_names()
+        missing = [f for f in ("dropout", "init_weights") if f not in fields]
+        if missing:
+            raise TypeError(f"adapter {obj.name!r}: its parameters need the field(s) {', '.join(missing)}")
+        if not isinstance(obj.title, str) or not obj.title.isidentifier():
+            raise TypeError(f"adapter {obj.name!r}: `title` must be an identifier, got {obj.title!r}")
+
+    def group(self, layer_name: str) -> str:
+        """The group a layer's shared state belongs to; by default its module type (``q_proj``)."""
+        return layer_name.rsplit(".", 1)[-1]
+
+    def scaling(self, params: Params) -> float:
+        """The factor on B_l A_l; by default α/r."""
+        return params.alpha / params.r
+
+    def init_state(self, layers: list[AdaptedLayer], params: Params) -> AdapterState:
         raise NotImplementedError
 
-    def delta_weight(self, state: dict[str, torch.Tensor], module: str, params: Params) -> torch.Tensor:
+    def factors(self, shared: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+                fixed: dict[str, torch.Tensor], params: Params) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def delta_weight(self, shared: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+                     fixed: dict[str, torch.Tensor], params: Params) -> torch.Tensor:
+        """ΔW_l = scaling · B_l A_l [d_out, d_in], computed in float32 at least (CPU half matmuls are slow
+        and lossy); the caller casts it to the weight's dtype."""
+        import torch
+
+        a, b = self.factors(shared, own, fixed, params)
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        return (b.to(dtype) @ a.to(dtype)) * self.scaling(params)
 
 
 @dataclass(frozen=True)
@@ -239,5 +304,5 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("attention", "llmgraft_register_attention", Attention, ("select",)),
     Family("kv_manager", "llmgraft_register_kv_managers", KVManager, ("keep",)),
     Family("optimizer", "llmgraft_register_optimizers", Optimizer, ("run",)),
-    Family("adapter", "llmgraft_register_adapters", Adapter, ("init_state", "delta_weight")),
+    Family("adapter", "llmgraft_register_adapters", Adapter, ("init_state", "factors")),
 )}

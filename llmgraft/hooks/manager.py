@@ -32,7 +32,8 @@ from .params import Params
 
 ENTRY_POINT_GROUP = "llmgraft"
 BUILTIN_PLUGINS = ("llmgraft.plugins.top_h", "llmgraft.plugins.top_w", "llmgraft.plugins.top_nsigma",
-                   "llmgraft.plugins.p_less", "llmgraft.plugins.mwa", "llmgraft.plugins.task_vectors")
+                   "llmgraft.plugins.p_less", "llmgraft.plugins.mwa", "llmgraft.plugins.task_vectors",
+                   "llmgraft.plugins.mos")
 BUILTIN_ORIGIN = "llmgraft"
 
 

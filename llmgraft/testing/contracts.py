@@ -254,17 +254,62 @@ def check_optimizer(method: Any) -> None:
                  "no temporary directory is left beside the output")
 
 
+def _adapted_layers(method: Any) -> list:
+    """Eight layers of two module types (q_proj [16, 16], up_proj [32, 16]), grouped by the method."""
+    from ..hooks import AdaptedLayer
+
+    layers, seen = [], {}
+    for i in range(8):
+        for kind, (d_out, d_in) in (("q_proj", (16, 16)), ("up_proj", (32, 16))):
+            name = f"model.layers.{i}.{kind}"
+            group = method.group(name)
+            layers.append(AdaptedLayer(name, group, seen.get(group, 0), d_in, d_out))
+            seen[group] = seen.get(group, 0) + 1
+    return layers
+
+
+def _state_tensors(state: Any) -> list[torch.Tensor]:
+    return [t for part in (state.shared, state.own, state.fixed) for d in part.values() for t in d.values()]
+
+
 def check_adapter(method: Any) -> None:
-    params = default_params(method)
-    shapes = {"layers.0.q_proj": (8, 6), "layers.0.v_proj": (4, 6)}
-    state = method.init_state(shapes, params)
-    _require(isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()), method,
-             "init_state returns a dict of tensors")
-    for module, shape in shapes.items():
-        delta = method.delta_weight(state, module, params)
-        _require(isinstance(delta, torch.Tensor) and tuple(delta.shape) == shape, method,
-                 f"delta_weight of {module} has the module's shape {shape}")
-        _require(bool(torch.isfinite(delta).all()), method, "ΔW is finite")
+    from ..hooks import AdapterState
+
+    params, layers = default_params(method), _adapted_layers(method)
+    state = method.init_state(layers, params)
+    _require(isinstance(state, AdapterState) and all(isinstance(t, torch.Tensor) for t in _state_tensors(state)),
+             method, "init_state returns an AdapterState of tensors")
+    _require(set(state.shared) <= {layer.group for layer in layers}, method, "shared state is keyed by group")
+    _require(set(state.own) | set(state.fixed) == {layer.name for layer in layers}, method,
+             "every layer has own or fixed tensors (a saved adapter names its layers), and no other key does")
+    again = method.init_state(layers, params)
+    _require(all(torch.equal(a, b) for a, b in zip(_state_tensors(state), _state_tensors(again))), method,
+             "init_state is deterministic for given params")
+
+    def parts(st, layer):
+        return st.shared.get(layer.group, {}), st.own.get(layer.name, {}), st.fixed.get(layer.name, {})
+
+    for layer in layers:
+        a, b = method.factors(*parts(state, layer), params)
+        _require(a.dim() == b.dim() == 2 and a.shape == (b.shape[1], layer.d_in) and b.shape[0] == layer.d_out,
+                 method, f"factors of {layer.name} are A [r, {layer.d_in}] and B [{layer.d_out}, r]")
+        delta = method.delta_weight(*parts(state, layer), params)
+        _require(tuple(delta.shape) == (layer.d_out, layer.d_in) and bool(torch.isfinite(delta).all()), method,
+                 "delta_weight has the layer's shape and is finite")
+        expected = method.scaling(params) * (b.double() @ a.double())
+        _require(torch.allclose(delta.double(), expected, rtol=1e-5, atol=1e-6), method,
+                 "delta_weight is scaling · B @ A")
+        _require(not bool(delta.any()), method, "with init_weights=True every ΔW starts at zero")
+
+    noisy = dataclasses.replace(params, init_weights=False)
+    state = method.init_state(layers, noisy)
+    trainable = [t.requires_grad_() for part in (state.shared, state.own) for d in part.values()
+                 for t in d.values()]
+    loss = sum(method.delta_weight(*parts(state, layer), noisy).square().sum() for layer in layers)
+    _require(bool(loss > 0), method, "with init_weights=False some ΔW is non-zero")
+    loss.backward()
+    _require(all(t.grad is not None and bool(t.grad.any()) for t in trainable), method,
+             "every trainable tensor gets a gradient through delta_weight")
 
 
 CONTRACTS: dict[str, Callable[[Any], None]] = {

@@ -1,13 +1,13 @@
-"""One minimal method per family whose real methods have not landed (attention, kv_manager, optimizer,
-adapter) plus a third-party merger, registered by a third-party plugin: fixtures for the contract test, not
-methods anyone should use."""
+"""One minimal method per family whose real methods have not landed (attention, kv_manager, optimizer) plus
+a third-party merger and a third-party adapter type, registered by a third-party plugin: fixtures for the
+contract test, not methods anyone should use."""
 import json
 import shutil
 from dataclasses import dataclass
 
 import torch
 
-from llmgraft import Adapter, Attention, KVManager, Merger, Optimizer, Params, hookimpl, param
+from llmgraft import Adapter, AdapterState, Attention, KVManager, Merger, Optimizer, Params, hookimpl, param
 from llmgraft.io import atomic_directory
 
 
@@ -55,14 +55,33 @@ class Copy(Optimizer):
         return {"files": sorted(p.name for p in dst.iterdir()), "config": json.loads((dst / "config.json").read_text())["model_type"]}
 
 
-class Dense(Adapter):
-    name, description, params_cls = "dense", "a full-rank trainable delta per module", NoParams
+@dataclass(frozen=True)
+class LoRAParams(Params):
+    owner = "plain_lora"
+    r: int = param(4, range="[1, inf)", help="rank of each layer's A and B")
+    alpha: float = param(8.0, range="(0, inf)", help="scaling numerator: ΔW = (alpha / r) B A")
+    dropout: float = param(0.0, range="[0, 1)", help="dropout on the adapter's input")
+    init_weights: bool = param(True, help="True: B starts at zero; False: random B")
 
-    def init_state(self, shapes, params):
-        return {module: torch.zeros(shape) for module, shape in shapes.items()}
 
-    def delta_weight(self, state, module, params):
-        return state[module]
+class PlainLoRA(Adapter):
+    """Per-layer LoRA with no shared state: a third-party adapter type that reaches PEFT through the hook."""
+
+    name, title, params_cls = "plain_lora", "PlainLoRA", LoRAParams
+    description = "per-layer LoRA (A, B on each layer), the third-party adapter fixture"
+
+    def init_state(self, layers, params):
+        gen = torch.Generator().manual_seed(0)
+        own = {}
+        for layer in layers:
+            b = torch.zeros(layer.d_out, params.r)
+            if not params.init_weights:
+                b.normal_(generator=gen)
+            own[layer.name] = {"A": torch.randn(params.r, layer.d_in, generator=gen) / layer.d_in ** 0.5, "B": b}
+        return AdapterState(shared={}, own=own, fixed={})
+
+    def factors(self, shared, own, fixed, params):
+        return own["A"], own["B"]
 
 
 @hookimpl
@@ -87,4 +106,4 @@ def llmgraft_register_optimizers(register):
 
 @hookimpl
 def llmgraft_register_adapters(register):
-    register(Dense())
+    register(PlainLoRA())
