@@ -23,6 +23,7 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/llmgraft demo --plot $(DEMO_PLOT) $(DEMO_ARGS)
 	$(VENV)/bin/llmgraft demo merge
+	$(VENV)/bin/llmgraft demo mos
 
 test: setup
 	$(PY) -m pytest -q

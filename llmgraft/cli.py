@@ -4,11 +4,13 @@
     llmgraft demo [--plot demo.png]  vLLM on the bundled code LM: top-p vs min-p vs Top-H
     llmgraft demo samplers           a quick sampler lab on the bundled code LM (every sampler's frontier)
     llmgraft demo merge              fine-tunes of the code LM merged by every merger: loss, time, memory
+    llmgraft demo mos                MoS against LoRA of equal trainable parameters on the code LM
     llmgraft lab --model DIR --prompts FILE --samplers top_p,min_p,top_h,top_w,top_nsigma,p_less
                                      sweep each sampler's knob on your model: table and frontier plot
     llmgraft merge --method mwa|consensus|ties|task_arithmetic|uniform [--base B] IN... --out O
                                      merge full checkpoints (safetensors), streamed, written atomically
     llmgraft tall build --base B IN... --out STORE  /  llmgraft tall rebuild STORE --task T --out O
+    llmgraft export-lora ADAPTER OUT  a saved MoS (any llmgraft adapter) as a plain LoRA adapter for vLLM
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ def cmd_plugins(_args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.topic == "mos":
+        from .demo_mos import run_mos_demo
+
+        run_mos_demo(seed=args.seed)
+        return 0
     if args.topic == "merge":
         from .demo_merge import run_merge_demo
 
@@ -147,6 +154,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    from .integrations.peft import export_lora
+
+    report = export_lora(args.adapter, args.out, force=args.force)
+    print(f"exported {report['layers']} layers as a rank-{report['rank']} LoRA (lora_alpha {report['lora_alpha']:g}, "
+          f"target_modules {', '.join(report['target_modules'])}) -> {args.out}")
+    return 0
+
+
 def cmd_tall(args: argparse.Namespace) -> int:
     from .offline.merge import build_tall, rebuild_tall
 
@@ -194,9 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list loaded methods and their parameters").set_defaults(func=cmd_plugins)
     demo = sub.add_parser("demo", help="compare samplers on a real vLLM engine",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("topic", nargs="?", default="top_h", choices=["top_h", "samplers", "merge"],
+    demo.add_argument("topic", nargs="?", default="top_h", choices=["top_h", "samplers", "merge", "mos"],
                       help="top_h: Top-H against vLLM's top-p and min-p; samplers: a quick sampler lab; merge: "
-                           "fine-tunes of the code LM merged by every merger")
+                           "fine-tunes of the code LM merged by every merger; mos: MoS against LoRA")
     demo.add_argument("--out", default="lab-demo", help="samplers topic: where the table and plot go")
     demo.add_argument("--model", help="model directory (default: the bundled code LM)")
     demo.add_argument("--samples", type=int, default=8, help="completions per prompt")
@@ -263,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--base", help="the base model (default: the one the store records)")
     rebuild.add_argument("--force", action="store_true", help="replace an existing output")
     tall.set_defaults(func=cmd_tall)
+    export = sub.add_parser("export-lora", help="a saved llmgraft adapter (MoS) as a plain LoRA adapter (exact)",
+                            description="Write each layer's exact factors (A_l, B_l) of a saved llmgraft adapter as "
+                                        "a PEFT LoRA adapter that vLLM serves with --enable-lora.")
+    export.add_argument("adapter", help="a directory written by save_pretrained of an llmgraft adapter (MoS)")
+    export.add_argument("out", help="where the LoRA adapter goes (written atomically)")
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    export.set_defaults(func=cmd_export_lora)
     return parser
 
 
