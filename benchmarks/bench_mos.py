@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -41,53 +42,85 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="LoRA r=1 and MoS r_v=1 only")
     parser.add_argument("--out", help="write <out>.md and <out>.png")
+    parser.add_argument("--report", help="re-render the tables and plot from a results .json, running nothing")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         one(json.loads(args.one))
         return
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        args.package, args.steps = results[0]["package"], results[0]["steps"]
+        report(results, args)
+        return
+
+    from llmgraft.testing.measure import run_with_peak_rss
 
     from tqdm import tqdm
 
-    from llmgraft.report import format_table, frontier_plot, markdown_table
-    from llmgraft.testing.measure import run_with_peak_rss
-
     configs = QUICK if args.quick else LORA + MOS
-    rows, curves = [], {"LoRA": [], "MoS": []}
     runs = [(m, s, seed) for m, s in configs for seed in range(args.seeds)]
-    results: dict[tuple, list[dict]] = {}
+    results = []
     for method, settings, seed in tqdm(runs, desc="fine-tunes", unit="run"):
         spec = {"method": method, "settings": settings, "package": args.package, "steps": args.steps, "seed": seed}
         stdout, peak, _ = run_with_peak_rss([sys.executable, __file__, "--one", json.dumps(spec)])
         result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
-        results.setdefault((method, json.dumps(settings)), []).append({**result, "peak_mb": peak})
-    lora_losses = {}
-    for (method, settings), found in results.items():
+        results.append({**spec, **result, "peak_mb": peak})
+    report(results, args)
+
+
+def lora_equivalent_rank(loss: float, lora: dict[int, float]) -> float | None:
+    """The LoRA rank that would reach ``loss``, interpolating LoRA's loss linearly in log2(rank) between the
+    measured ranks (None outside their range)."""
+    ranks = sorted(lora)
+    for low, high in zip(ranks, ranks[1:]):
+        if lora[high] <= loss <= lora[low] and lora[low] > lora[high]:
+            t = (lora[low] - loss) / (lora[low] - lora[high])
+            return 2 ** (math.log2(low) + t * (math.log2(high) - math.log2(low)))
+    return None
+
+
+def report(results: list[dict], args) -> None:
+    from llmgraft.report import format_table, frontier_plot, markdown_table
+
+    groups: dict[tuple, list[dict]] = {}
+    for result in results:
+        groups.setdefault((result["method"], json.dumps(result["settings"])), []).append(result)
+    lora = {json.loads(s)["r"]: statistics.mean(r["test_loss"] for r in found)
+            for (m, s), found in groups.items() if m == "LoRA"}
+    lora_ms = {found[0]["trainable"]: statistics.median(r["ms_per_step"] for r in found)
+               for (m, s), found in groups.items() if m == "LoRA"}
+    rows, curves = [], {"LoRA": [], "MoS": []}
+    for (method, settings), found in groups.items():
         settings = json.loads(settings)
-        loss = statistics.mean(r["test_loss"] for r in found)
+        losses = [r["test_loss"] for r in found]
+        loss, ms = statistics.mean(losses), statistics.median(r["ms_per_step"] for r in found)
         label = ", ".join(f"{k}={v}" for k, v in settings.items())
-        matches = ""
-        if method == "LoRA":
-            lora_losses[settings["r"]] = loss
-        else:  # the largest LoRA rank (run first) it matches or beats, and the parameter saving that implies
-            best = max((r for r, lora in lora_losses.items() if loss <= lora), default=None)
-            matches = f"LoRA r={best} ({best / settings['r_v']:g}x its params)" if best else "worse than LoRA r=1"
-        rows.append([method, label, found[0]["trainable"], loss, statistics.median(r["ms_per_step"] for r in found),
-                     max(r["peak_mb"] for r in found), matches])
+        equivalent, time_ratio = "", ""
+        if method == "MoS":
+            rank = lora_equivalent_rank(loss, lora)
+            equivalent = (f"{rank:.1f} ({rank / settings['r_v']:.1f}x)" if rank else
+                          f"better than LoRA r={max(lora)}" if loss < min(lora.values()) else "worse than LoRA r=1")
+            same = lora_ms.get(found[0]["trainable"])
+            time_ratio = f"{ms / same:.2f}" if same else ""
+        rows.append([method, label, found[0]["trainable"], f"{loss:.3f}", f"{(max(losses) - min(losses)) / 2:.3f}",
+                     equivalent, f"{ms:.0f}", time_ratio, f"{max(r['peak_mb'] for r in found):.0f}"])
         curves[method].append((found[0]["trainable"] / 1000, loss, label))
-    headers = ["method", "config", "trainable params", f"{args.package} test loss", "ms/step", "peak RSS MB",
-               "matches"]
-    title = (f"MoS vs LoRA on the code LM: {args.steps} steps on `{args.package}`, loss mean of {args.seeds} "
-             "seed(s), all seven projections")
+    seeds = len(next(iter(groups.values())))
+    headers = ["method", "config", "trainable params", f"{args.package} test loss", "± (half range)",
+               "LoRA-equivalent rank (params saved)", "ms/step", "time vs LoRA of equal params", "peak RSS MB"]
+    title = (f"MoS vs LoRA on the code LM: {args.steps} steps on `{args.package}`, loss mean of {seeds} seed(s), "
+             "all seven projections")
     print()
     print(format_table(headers, rows, title=title))
     if args.out:
         out = Path(args.out).with_suffix(".md")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(f"# {title}\n\n{markdown_table(headers, rows)}\n")
+        out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
         frontier_plot(out.with_suffix(".png"), {k: sorted(v) for k, v in curves.items() if v}, title,
                       "trainable parameters (thousands)", f"{args.package} test loss (lower is better)")
-        print(f"written: {out} and {out.with_suffix('.png')}")
+        print(f"written: {out}, {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 from conftest import PLUGIN_INSTALL, ROOT
 from readme_blocks import block, blocks, commands
 
-HANDLED = {"make", "output of make demo", "same as make setup", "output of llmgraft plugins", "run",
+HANDLED = {"make", "output of make demo", "same as make setup", "output of llmgraft plugins", "run", "mos", "mos-serve",
            "server", "plugin install", "run with the plugin installed", "smoke", "layout", "lab", "merge"}
 
 

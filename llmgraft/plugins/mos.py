@@ -33,17 +33,17 @@ from ..hooks import AdaptedLayer, Adapter, AdapterState, ParamError, Params, hoo
 @dataclass(frozen=True)
 class MoSParams(Params):
     r: int = param(8, range="[1, inf)", help="rank of each layer's factors A [r, d_in] and B [d_out, r]")
-    r_v: int = param(4, range="[1, inf)", help="parameter budget: each module type's pools hold the parameters "
-                                               "of LoRA at rank r_v (L·r_v·(d_in + d_out))")
+    r_v: int = param(4, range="[1, inf)", help="the budget: each module type's pools cost what LoRA at rank r_v "
+                                               "costs")
     r_p: int = param(1, range="[0, inf)", help="private ranks per layer (shard privatization); the other r - r_p "
-                                               "draw shards from the shared region")
+                                               "share")
     c: int = param(2, range="[1, inf)", help="shards per rank vector (vector sharding); d_in and d_out must "
                                              "divide by it")
     alpha: float = param(16.0, range="(0, inf)", help="scaling numerator: the layer adds (alpha / r)·B A x")
     dropout: float = param(0.1, range="[0, 1)", help="dropout on the adapter's input, as LoRA's")
     seed: int = param(0, range="[0, inf)", help="seed of the shard indices and the pool initialisation")
-    init_weights: bool = param(True, help="True: pool B starts at zero, so the model starts equal to the base; "
-                                          "False: a random non-zero start (for tests)")
+    init_weights: bool = param(True, help="True: pool B starts at zero (the model starts as the base); False: "
+                                          "random (tests)")
 
     def validate(self) -> None:
         if self.r_p > self.r:
