@@ -97,7 +97,30 @@ def test_parameter_counts_on_llama2_7b(r, r_v, r_p, c):
         assert trainable == 4_997_120  # the official configuration: LoRA's count at rank 2
 
 
-def test_bad_input_gets_clear_errors(tiny_llama):
+def test_peft_layer_forward_matches_the_official_code(tiny_llama):
+    """The PEFT layer's added output (dropout off), in float64, against the replica's forward."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llmgraft.integrations.peft import MoSConfig
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama)),
+                           MoSConfig(r=6, r_v=4, r_p=1, c=2, alpha=12.0, init_weights=False,
+                                     target_modules=["q_proj", "down_proj"])).double().eval()
+    layers = [m for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj")) and hasattr(m, "mos_fixed")]
+    assert len(layers) == 4
+    for layer in layers:
+        group = "q_proj" if layer.in_features == 64 and layer.out_features == 64 else "down_proj"
+        pools = {k.split("__")[1]: v for k, v in model.base_model.mos_shared["default"].items() if k.startswith(group)}
+        fixed = layer.mos_fixed["default"]
+        x = torch.randn(2, 3, layer.in_features, dtype=torch.float64)
+        with torch.no_grad():
+            ours = layer(x) - layer.base_layer(x)
+        ref = official.layer_output(x, pools["A"], pools["B"], fixed["index_A"], fixed["index_B"], 2, 12.0, 6)
+        assert torch.allclose(ours, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_bad_input_gets_clear_errors(tiny_llama, tmp_path):
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
@@ -115,13 +138,15 @@ def test_bad_input_gets_clear_errors(tiny_llama):
         get_peft_model(base(), MoSConfig(r=8, r_v=2, r_p=0, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="not found in the base model"):
         get_peft_model(base(), MoSConfig(r=4, target_modules=["no_such_proj"]))
+    with pytest.raises(ParamError, match="r_v=4 is too small for q_proj.*raise r_v, or lower r_p or r"):
+        get_peft_model(base(), MoSConfig(r=9, r_v=4, r_p=1, target_modules=["q_proj"]))
     with pytest.raises(TypeError, match="nn.Linear layers only"):
         get_peft_model(base(), MoSConfig(r=4, target_modules=["embed_tokens"]))
     model = get_peft_model(base(), MoSConfig(r=4, r_v=4, target_modules=["q_proj"]))
-    model.save_pretrained(tiny_llama.parent / "mos-q")
+    model.save_pretrained(tmp_path / "mos-q")
     other = LlamaForCausalLM(llama_config(5000, hidden=32, layers=2, heads=2, kv_heads=2, intermediate=64))
     with pytest.raises(RuntimeError, match="size mismatch for .*mos_shared"):
-        PeftModel.from_pretrained(other, tiny_llama.parent / "mos-q")
+        PeftModel.from_pretrained(other, tmp_path / "mos-q")
 
 
 def test_peft_type_extension_is_idempotent():

@@ -52,6 +52,15 @@ def adapted(kind, tiny_llama, dtype=torch.float32, seeds=(1,), **overrides):
             model = get_peft_model(load_base(tiny_llama, dtype), config, adapter_name=name)
         else:
             model.add_adapter(name, config)
+    return perturb(model, kind, sum(seeds))
+
+
+def perturb(model, kind: str, seed: int):
+    """Add seeded noise to every adapter tensor, as training would: values no config could regenerate."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in (p for n, p in model.named_parameters() if f"{kind}_" in n):
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=gen).to(parameter.dtype))
     return model.eval()
 
 
@@ -88,6 +97,9 @@ def test_save_load_round_trips_several_adapters_and_a_subfolder(kind, tiny_llama
     assert (tmp_path / "out" / "other" / "adapter_model.safetensors").is_file()
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == {"mos": "MOS", "plain_lora": "PLAINLORA"}[kind]
+    if kind == "mos":  # the saved indices are used, not ones regenerated from the config's seed
+        config["seed"] = 99
+        (tmp_path / "out" / "adapter_config.json").write_text(json.dumps(config))
     loaded = PeftModel.from_pretrained(load_base(tiny_llama), tmp_path / "out")
     loaded.load_adapter(tmp_path / "out" / "other", adapter_name="other")
     for name in NAMES:
@@ -147,10 +159,16 @@ def test_unload_disable_delete_and_set_adapter(kind, tiny_llama):
     assert trainable and all(".other." in n or n.endswith(".other") for n in trainable), trainable
     model.set_adapter("default")
     assert not torch.equal(logits(model), with_other)
-    assert all(".default." in n or n.endswith(".default") for n, p in model.named_parameters() if p.requires_grad)
+    trainable_default = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable_default and all(".default." in n or n.endswith(".default") for n in trainable_default)
     model.delete_adapter("other")
     assert not any(".other." in k or k.endswith(".other") for k in model.state_dict()), "deleted tensors remain"
     assert list(model.peft_config) == ["default"]
+    model.add_adapter("other", make_config(kind))
+    model.set_adapter("other")
+    model.delete_adapter("other")  # the active one: "default" becomes active and trainable again
+    assert model.active_adapters == ["default"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable_default
     assert torch.equal(logits(model.unload()), base)
 
 
@@ -184,7 +202,7 @@ def test_half_precision_forward(kind, tiny_llama, dtype):
     from peft import get_peft_model
 
     config = make_config(kind, init_weights=False, **distinct(kind, 1))
-    kept = get_peft_model(load_base(tiny_llama, dtype), config, autocast_adapter_dtype=False).eval()
+    kept = perturb(get_peft_model(load_base(tiny_llama, dtype), config, autocast_adapter_dtype=False), kind, 1)
     assert {p.dtype for p in kept.parameters() if p.requires_grad} == {dtype}
     out = logits(kept)
     assert torch.isfinite(out).all() and (out - reference).abs().max() < 0.3
@@ -224,3 +242,37 @@ def test_export_lora_adds_the_same_delta(kind, tiny_llama, tmp_path):
     lora = PeftModel.from_pretrained(load_base(tiny_llama), tmp_path / "lora")
     assert lora.peft_config["default"].peft_type == "LORA"
     assert (logits(lora) - expected).abs().max() < 1e-5
+
+
+def test_a_second_adapter_finds_wrapped_layers(kind, tiny_llama):
+    """PEFT's "all-linear" and regex targets see layers an earlier adapter wrapped, not their insides."""
+    model = adapted(kind, tiny_llama)
+    model.add_adapter("wide", make_config(kind, target_modules="all-linear"))
+    model.add_adapter("regex", make_config(kind, target_modules=r".*\.q_proj"))
+    layers = {n for n, m in model.named_modules() if "wide" in getattr(m, f"{kind}_params", {})}
+    assert len(layers) == 2 * 7 and any(n.endswith("q_proj") for n in layers)
+    assert sum("regex" in getattr(m, f"{kind}_params", {}) for m in model.modules()) == 2
+
+
+def test_mixed_adapter_batches_are_a_clear_error(kind, tiny_llama):
+    model = adapted(kind, tiny_llama, seeds=(1, 2))
+    with pytest.raises(ValueError, match="mixed-adapter batches"):
+        model(IDS, adapter_names=list(NAMES))
+
+
+def test_sequence_classification_trains_and_saves_its_head(kind, tiny_llama, tmp_path):
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    def base():
+        return AutoModelForSequenceClassification.from_pretrained(str(tiny_llama), num_labels=3).eval()
+
+    model = get_peft_model(base(), make_config(kind, task_type="SEQ_CLS", init_weights=False))
+    assert any("score" in n for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        model.base_model.model.score.modules_to_save["default"].weight.add_(1.0)
+        expected = model(IDS).logits
+    model.save_pretrained(tmp_path / "cls")
+    loaded = PeftModel.from_pretrained(base(), tmp_path / "cls").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, expected)

@@ -216,8 +216,11 @@ class Adapter(Method):
                             "and `delta_weight`, which have their defaults there)")
         fields = obj.params_cls.field_names()
         missing = [f for f in ("dropout", "init_weights") if f not in fields]
+        if type(obj).scaling is Adapter.scaling:
+            missing += [f for f in ("r", "alpha") if f not in fields]
         if missing:
-            raise TypeError(f"adapter {obj.name!r}: its parameters need the field(s) {', '.join(missing)}")
+            raise TypeError(f"adapter {obj.name!r}: its parameters need the field(s) {', '.join(missing)} (r and "
+                            "alpha for the default scaling alpha / r, unless it overrides `scaling`)")
         if not isinstance(obj.title, str) or not obj.title.isidentifier():
             raise TypeError(f"adapter {obj.name!r}: `title` must be an identifier, got {obj.title!r}")
 

@@ -82,8 +82,8 @@ def _check_group(group: str, members: list[AdaptedLayer], params: MoSParams) -> 
     if need > shared:
         raise ParamError(
             f"mos: r_v={params.r_v} is too small for {group}: each of its {layers} layers draws (r - r_p)·c = "
-            f"{need} distinct shared shards, but the shared region holds (r_v - r_p)·L·c = {shared}; raise r_v "
-            "or r_p, or lower r")
+            f"{need} distinct shared shards, but the shared region holds (r_v - r_p)·L·c = {shared}; raise r_v, "
+            "or lower r_p or r")
     return d_in, d_out
 
 

@@ -67,7 +67,8 @@ def export_lora(adapter_dir: str | Path, out: str | Path, *, force: bool = False
     """Write the saved llmgraft adapter at ``adapter_dir`` as a plain LoRA adapter at ``out`` (atomically).
 
     Each layer's LoRA is its exact (A_l, B_l) at rank r with ``lora_alpha = scaling · r``, so PEFT, vLLM and
-    every LoRA tool add the same ΔW. ``target_modules`` lists the adapted module types. Returns a report."""
+    every LoRA tool add the same ΔW. ``target_modules`` lists the adapted layers by full name. Returns a report
+    (``target_modules`` there: the adapted module types)."""
     from peft import LoraConfig
 
     from ...offline.merge import check_output
@@ -86,8 +87,10 @@ def export_lora(adapter_dir: str | Path, out: str | Path, *, force: bool = False
     if len(ranks) != 1:
         raise CheckpointError(f"{adapter_dir}: layers of ranks {sorted(ranks)}; a LoRA adapter needs one rank")
     rank = ranks.pop()
-    modules = sorted({layer.rsplit(".", 1)[-1] for layer in set(state["own"]) | set(state["fixed"])})
-    lora = LoraConfig(r=rank, lora_alpha=adapter.scaling(params) * rank, target_modules=modules, lora_dropout=0.0,
+    layers = sorted(set(state["own"]) | set(state["fixed"]))
+    modules = sorted({layer.rsplit(".", 1)[-1] for layer in layers})
+    # Exactly the adapted layers (PEFT matches a full name exactly), so that excluded layers stay excluded.
+    lora = LoraConfig(r=rank, lora_alpha=adapter.scaling(params) * rank, target_modules=layers, lora_dropout=0.0,
                       base_model_name_or_path=config.get("base_model_name_or_path"),
                       task_type=config.get("task_type"), inference_mode=True)
     from safetensors.torch import save_file

@@ -13,6 +13,7 @@ tensors as ``<layer>.<name>_own.<key>`` and its fixed ones (indices) as ``<layer
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -26,7 +27,6 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
-    _maybe_include_all_linear_layers,
     check_adapters_to_merge,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, PeftType, register_peft_method
@@ -60,6 +60,17 @@ def split_shared_key(name: str) -> tuple[str, str]:
     return group, key
 
 
+def _linear(module: nn.Module, adapter: Adapter, key: str) -> nn.Linear:
+    """The plain ``nn.Linear`` under ``module`` (a wrapped one's base layer), or a TypeError saying why not."""
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"{adapter.title} adapts nn.Linear layers only; target {key!r} is a {type(base).__name__}")
+    if not base.weight.dtype.is_floating_point or type(base).__module__.startswith("bitsandbytes"):
+        raise TypeError(f"{adapter.title} cannot adapt the quantized layer {key!r} ({type(base).__name__}): "
+                        "merging into packed weights is not supported; load the base model unquantized")
+    return base
+
+
 class AdapterLayer(nn.Module, BaseTunerLayer):
     """A target ``nn.Linear`` with llmgraft adapters on it (one subclass per adapter type)."""
 
@@ -69,10 +80,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, store: nn.ModuleDict) -> None:
         super().__init__()
-        base = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"{self.llmgraft_adapter.title} adapts nn.Linear layers only, not "
-                            f"{type(base).__name__}; choose other target_modules")
+        base = _linear(base_layer, self.llmgraft_adapter, "this layer")
         self.base_layer = base_layer
         prefix = self.llmgraft_adapter.name
         setattr(self, f"{prefix}_own", nn.ModuleDict())
@@ -101,11 +109,12 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
     def _state(self, adapter_name: str) -> tuple[dict, dict, dict]:
         group = self._part("group")[adapter_name]
         store = self._shared_store[adapter_name] if adapter_name in self._shared_store else {}
+        device = self.get_base_layer().weight.device
         shared = {}
         for name, tensor in store.items():
             owner, key = split_shared_key(name)
-            if owner == group:
-                shared[key] = tensor
+            if owner == group:  # a model split over devices reads its pools where each layer is
+                shared[key] = tensor if tensor.device == device or device.type == "meta" else tensor.to(device)
         return shared, dict(self._part("own")[adapter_name]), dict(self._part("fixed")[adapter_name])
 
     def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,43 +195,46 @@ class AdapterTuner(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
-        self._planned = {adapter_name: self._plan(model, adapter_name)}
+        self._planned: dict[str, Any] = {}
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                    low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         finally:
             self._planned = {}
 
-    def _plan(self, model: nn.Module, adapter_name: str):
-        """Find every target layer, then create the adapter's state for all of them at once."""
-        adapter, config = self.llmgraft_adapter, self.peft_config[adapter_name]
-        config = self._prepare_adapter_config(config, self.get_model_config(model))
-        config = _maybe_include_all_linear_layers(config, model)
-        layers, counts = [], {}
-        for key, module in model.named_modules():
+    def _plan(self, config, adapter_name: str):
+        """Find every layer the (prepared) config targets, then create the adapter's state for all of them at
+        once: shared state needs its whole group. Runs at the first ``_create_and_replace`` of an injection,
+        with the config PEFT matches with (after its default targets, "all-linear" and model conversions)."""
+        adapter = self.llmgraft_adapter
+        layers, counts, wrapped = [], {}, ()
+        for key, module in self.model.named_modules():
+            if wrapped and key.startswith(wrapped):
+                continue  # the insides of a layer an earlier adapter wrapped
+            if isinstance(module, BaseTunerLayer):
+                wrapped += (key + ".",)
             if not self._check_target_module_exists(config, key):
                 continue
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if not isinstance(base, nn.Linear):
-                raise TypeError(f"{adapter.title} adapts nn.Linear layers only; target {key!r} is a "
-                                f"{type(base).__name__}")
+            base = _linear(module, adapter, key)
             group = adapter.group(key)
             layers.append(AdaptedLayer(key, group, counts.get(group, 0), base.in_features, base.out_features))
             counts[group] = counts.get(group, 0) + 1
-        if not layers:
-            raise ValueError(f"Target modules {config.target_modules} not found in the base model. Please check "
-                             "the target modules and try again.")
         state = adapter.init_state(layers, config.llmgraft_params())
-        weight = next(m for k, m in model.named_modules() if k == layers[0].name)
-        weight = (weight.get_base_layer() if isinstance(weight, BaseTunerLayer) else weight).weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        first = _linear(self.model.get_submodule(layers[0].name), adapter, layers[0].name).weight
+        dtype = first.dtype if first.dtype.is_floating_point else torch.float32
         self._store[adapter_name] = nn.ParameterDict({
-            shared_key(group, key): nn.Parameter(tensor.to(weight.device, dtype))
+            shared_key(group, key): nn.Parameter(tensor.to(first.device, dtype))
             for group, tensors in state.shared.items() for key, tensor in tensors.items()})
         return state
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        state, adapter = self._planned[adapter_name], self.llmgraft_adapter
+        adapter = self.llmgraft_adapter
+        if adapter_name not in self._planned:
+            self._planned[adapter_name] = self._plan(config, adapter_name)
+        state = self._planned[adapter_name]
+        if current_key not in state.own and current_key not in state.fixed:
+            raise LLMGraftError(f"{adapter.title}: PEFT targets {current_key!r}, which the plan did not find; "
+                                "please report this with your model and config")
         parts = (config.llmgraft_params(), adapter.group(current_key), state.own.get(current_key, {}),
                  state.fixed.get(current_key, {}))
         if isinstance(target, self.tuner_layer_cls):
@@ -234,6 +246,13 @@ class AdapterTuner(BaseTuner):
         if adapter_name not in self.active_adapters:
             layer.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, layer, target)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(f"{self.llmgraft_adapter.title} does not support mixed-adapter batches "
+                             "(adapter_names=...); export the adapters with `llmgraft export-lora` and use LoRA's")
+        yield
 
     def _shared_requires_grad(self) -> None:
         """Shared tensors train only for active adapters outside inference mode, like the layers' own."""
@@ -256,6 +275,7 @@ class AdapterTuner(BaseTuner):
         super().delete_adapter(adapter_name)
         if adapter_name in self._store:
             del self._store[adapter_name]
+        self._shared_requires_grad()  # PEFT may have made another adapter active
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
@@ -300,9 +320,16 @@ def _config_class(adapter: Adapter) -> type:
                     "type's default, as LoRA's"})),
         ("exclude_modules", Optional[Union[list[str], str]], dataclasses.field(default=None, metadata={
             "help": "module names or suffixes not to adapt (a regex when a str)"})),
+        ("layers_to_transform", Optional[Union[list[int], int]], dataclasses.field(default=None, metadata={
+            "help": "adapt only these layer indices (as LoRA's)"})),
+        ("layers_pattern", Optional[Union[list[str], str]], dataclasses.field(default=None, metadata={
+            "help": "the name of the layer list, with layers_to_transform (as LoRA's)"})),
+        ("modules_to_save", Optional[list[str]], dataclasses.field(default=None, metadata={
+            "help": "modules trained in full and saved with the adapter (a classifier head)"})),
     ]
     doc = (f"PEFT config of {adapter.title} ({adapter.description}); its fields are the llmgraft parameters of "
-           f"the `{adapter.name}` adapter plus target_modules and exclude_modules.")
+           f"the `{adapter.name}` adapter plus PEFT's target_modules, exclude_modules, layers_to_transform, "
+           "layers_pattern and modules_to_save.")
     cls = dataclasses.make_dataclass(f"{adapter.title}Config", fields, bases=(PeftConfig,), namespace={
         "__post_init__": _config_post_init, "llmgraft_params": _config_params, "llmgraft_adapter": adapter,
         "__doc__": doc})
@@ -315,7 +342,7 @@ def peft_classes(adapter_name: str) -> tuple[type, type]:
     """(config class, tuner class) of a registered adapter, built and registered with PEFT once."""
     adapter = get_registry().get("adapter", adapter_name)
     title = adapter.title
-    layer_cls = type(f"{title}Layer", (AdapterLayer,), {
+    layer_cls = type(f"{title}Linear", (AdapterLayer,), {  # "Linear": PEFT's all-linear finds wrapped layers so
         "llmgraft_adapter": adapter, "__module__": __name__,
         "adapter_layer_names": (f"{adapter.name}_own", f"{adapter.name}_fixed"),
         "other_param_names": (f"{adapter.name}_dropout", f"{adapter.name}_params", f"{adapter.name}_group")})
