@@ -1,6 +1,6 @@
 """MoS against LoRA at equal trainable-parameter budgets, fine-tuning the bundled code LM on a held-out package.
 
-    python benchmarks/bench_mos.py [--package html] [--steps 300] [--seeds 2] [--out PREFIX]
+    python benchmarks/bench_mos.py [--package html] [--steps 300] [--seeds 3] [--out PREFIX] [--report PREFIX.json]
 
 LoRA at ranks 1, 2, 4 and 8 against MoS configurations whose pools cost what LoRA at rank r_v costs
 (L·r_v·(d_in + d_out) per module type), on all seven projections, alpha = 2r, no dropout, AdamW at a
@@ -39,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--package", default="html", help="the held-out standard-library package (the task)")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="LoRA r=1 and MoS r_v=1 only")
     parser.add_argument("--out", help="write <out>.md and <out>.png")
     parser.add_argument("--report", help="re-render the tables and plot from a results .json, running nothing")

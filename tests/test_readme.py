@@ -88,7 +88,8 @@ SMOKE_ARGS = {"bench_top_h.py": ["--runs", "1", "--repeats", "3", "--batches", "
                                     "2", "--batches", "2", "--vocabs", "4096"],
               "bench_decode.py": ["--requests", "4", "--max-tokens", "8", "--repeats", "1"],
               "bench_server.py": ["--requests", "60", "--warmup", "10", "--concurrency", "8"],
-              "bench_merge.py": ["--inputs", "2", "--methods", "uniform", "ties", "--size-mb", "6", "--no-mergekit"]}
+              "bench_merge.py": ["--inputs", "2", "--methods", "uniform", "ties", "--size-mb", "6", "--no-mergekit"],
+              "bench_mos.py": ["--quick", "--steps", "3", "--seeds", "1"]}
 
 
 @pytest.mark.engine
