@@ -78,8 +78,8 @@ def _unseeded_init(mos):
 
 
 def _write_pickle(optimizer):
-    def run(src, dst, params):
-        report = optimizer.run(src, dst, params)
+    def run(src, dst, params, host):
+        report = optimizer.run(src, dst, params, host)
         shutil.copy(dst / "model.safetensors", dst / "pytorch_model.bin")
         return report
     return run

@@ -157,13 +157,15 @@ class KVManager(Method):
 
 
 class Optimizer(Method):
-    """A model-optimization pass over a checkpoint directory (slimming, quantization).
+    """A model pass over a checkpoint directory (slimming, quantization).
 
-    ``run(src, dst, params)`` reads ``src``, writes a loadable safetensors checkpoint to ``dst``
-    atomically, leaves ``src`` untouched, and returns a report dict of what it did.
+    ``run(src, dst, params, host)`` reads ``src``, writes a loadable safetensors checkpoint to ``dst``
+    atomically, leaves ``src`` untouched, and returns a report dict of what it did. ``host`` (a
+    ``llmgraft.hooks.hosts.ModelHost``) runs models for passes that need gradients or training; passes
+    that only rewrite tensors ignore it.
     """
 
-    def run(self, src: Path, dst: Path, params: Params) -> dict[str, Any]:
+    def run(self, src: Path, dst: Path, params: Params, host: Any) -> dict[str, Any]:
         raise NotImplementedError
 
 

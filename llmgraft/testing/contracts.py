@@ -236,13 +236,14 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def check_optimizer(method: Any) -> None:
-    from .models import build_tiny_llama
+    from ..integrations.transformers.host import TransformersHost
+    from .models import build_tiny_mixtral
 
     with tempfile.TemporaryDirectory() as scratch:
-        src = build_tiny_llama(Path(scratch) / "src")
+        src = build_tiny_mixtral(Path(scratch) / "src")
         before = _digest(src)
         dst = Path(scratch) / "out"
-        report = method.run(src, dst, default_params(method))
+        report = method.run(src, dst, default_params(method), TransformersHost())
         _require(isinstance(report, dict), method, "run returns a report dict")
         _require(_digest(src) == before, method, "the source checkpoint is left untouched")
         files = {p.name for p in dst.iterdir()} if dst.is_dir() else set()

@@ -48,7 +48,7 @@ class Recent(KVManager):
 class Copy(Optimizer):
     name, description, params_cls = "copy", "copy a checkpoint unchanged (atomically)", NoParams
 
-    def run(self, src, dst, params):
+    def run(self, src, dst, params, host):
         with atomic_directory(dst) as tmp:
             for path in src.iterdir():
                 shutil.copy2(path, tmp / path.name)

@@ -1,0 +1,257 @@
+"""SlimMoE (arXiv 2506.18349): slim every expert of an MoE model to a uniform smaller intermediate size, in
+stages, each a pruning step followed by knowledge distillation from the original model.
+
+No official code exists; these are our choices, each documented here and in the README:
+
+- **What is pruned.** Every expert is kept; each expert's GLU loses intermediate neurons (gate and up rows,
+  down columns) down to one size for all experts, chosen per expert. Optionally the shared expert of
+  Qwen2-MoE too (to the same fraction of its own size).
+- **Importance.** A neuron's score is Σ|θ ⊙ ∇θ L_KD| over its gate row, up row and down column, with the
+  gradient of the mean distillation loss over the calibration windows (accumulated, then multiplied by
+  θ): the first-order estimate of the loss change when the neuron is removed.
+- **The distillation loss L_KD.** Per position, the teacher's top-k logits (k = 8) renormalised to a
+  distribution p̃, against the student's full-vocabulary log-softmax at those k tokens:
+  Σ p̃ (log p̃ − log p_S). The student's mass outside the teacher's top-k counts as loss, so the loss, and
+  the importance gradient, are not zero even when the student is the teacher (stage 1's first pass).
+- **The schedule.** Stages of decreasing target sizes (fractions of the source's intermediate size); each
+  stage scores the current model, prunes it, then distils it for its share of the token budget (evenly
+  split unless given per stage). The teacher is always the source model.
+- **The output** is an ordinary checkpoint of the same architecture with a smaller
+  ``intermediate_size`` (Mixtral, PhiMoE) or ``moe_intermediate_size`` (Qwen2-MoE), and its config records
+  ``llmgraft_slim_moe`` (the stages, sizes and tokens). Intermediate stages are kept beside the output, so
+  an interrupted run resumes at its first unfinished stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..hooks import CheckpointError, Optimizer, ParamError, Params, choice, hookimpl, param
+from ..io import atomic_directory
+from ..offline.checkpoints import Checkpoint, ShardWriter, copy_side_files
+
+
+@dataclass(frozen=True)
+class MoEArchitecture:
+    """Where an MoE architecture keeps its experts, in checkpoint tensor names and config keys."""
+
+    size_key: str                      # config key of the routed experts' intermediate size
+    expert: str                        # regex over tensor names: groups layer, expert, projection
+    rows: tuple[str, str]              # (gate, up) projections: a neuron is a row
+    column: str                        # down projection: a neuron is a column
+    shared_size_key: str | None = None
+    shared: str | None = None          # regex: groups layer, projection
+
+
+ARCHITECTURES = {
+    "mixtral": MoEArchitecture("intermediate_size",
+                               r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$",
+                               ("w1", "w3"), "w2"),
+    "phimoe": MoEArchitecture("intermediate_size",
+                              r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$",
+                              ("w1", "w3"), "w2"),
+    "qwen2_moe": MoEArchitecture("moe_intermediate_size",
+                                 r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$",
+                                 ("gate_proj", "up_proj"), "down_proj", "shared_expert_intermediate_size",
+                                 r"model\.layers\.(\d+)\.mlp\.shared_expert\.(gate_proj|up_proj|down_proj)\.weight$"),
+}
+
+
+@dataclass(frozen=True)
+class SlimMoEParams(Params):
+    stages: tuple[float, ...] = param((0.75, 0.5), range="(0, 1]", help="target expert sizes as fractions of "
+                                      "the source's intermediate size, one per stage, decreasing")
+    tokens: int = param(32768, range="[0, inf)", help="total distillation tokens, split evenly across stages")
+    stage_tokens: tuple[int, ...] | None = param(None, help="distillation tokens per stage (overrides tokens)")
+    top_k: int = param(8, range="[1, inf)", help="teacher logits per position that the distillation KL uses")
+    calib: str = param("stdlib", help="calibration text file ('stdlib': Python's standard-library sources, "
+                                      "the code LM's domain)")
+    calib_tokens: int = param(8192, range="[1, inf)", help="calibration tokens for each importance pass")
+    seq_len: int = param(128, range="[8, inf)", help="tokens per calibration and training window")
+    batch_size: int = param(8, range="[1, inf)", help="windows per importance and training batch")
+    lr: float = param(5e-4, range="(0, 1)", help="distillation learning rate (AdamW, constant)")
+    shared_expert: bool = param(False, help="also slim Qwen2-MoE's shared expert, to the same fractions")
+    importance: str = choice("sensitivity", ("sensitivity", "random"),
+                             help="sensitivity |θ·∇L_KD| per neuron, or random neurons (a baseline)")
+    seed: int = param(0, range="[0, inf)", help="seed of the distillation data order and of random pruning")
+
+    def validate(self) -> None:
+        if any(b >= a for a, b in zip(self.stages, self.stages[1:])):
+            raise ParamError(f"slim_moe: stages must decrease, got {self.stages}")
+        if self.stage_tokens is not None and len(self.stage_tokens) != len(self.stages):
+            raise ParamError(f"slim_moe: stage_tokens has {len(self.stage_tokens)} values for "
+                             f"{len(self.stages)} stages")
+        if self.stage_tokens is not None and any(t < 0 for t in self.stage_tokens):
+            raise ParamError("slim_moe: stage_tokens must not be negative")
+
+    def tokens_per_stage(self) -> tuple[int, ...]:
+        if self.stage_tokens is not None:
+            return self.stage_tokens
+        return tuple(self.tokens // len(self.stages) for _ in self.stages)
+
+
+def architecture(config: dict) -> MoEArchitecture:
+    """The supported architecture of a model config, or a clear error."""
+    kind = config.get("model_type")
+    if kind not in ARCHITECTURES:
+        moe = any(k in config for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+        raise CheckpointError(f"slim_moe: {'MoE ' if moe else 'not an MoE model: '}model_type {kind!r} "
+                              f"{'is not supported' if moe else ''}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[kind]
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Mean over positions of KL(p̃_T ‖ p_S) on the teacher's top-k tokens (see the module docstring)."""
+    values, indices = teacher_logits.float().topk(top_k, dim=-1)
+    teacher = values.log_softmax(-1)
+    student = student_logits.float().log_softmax(-1).gather(-1, indices)
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+def neuron_scores(glu, importance: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-neuron importance [I] of one gated MLP (``hosts.GLUWeights``)."""
+    if importance == "random":
+        return torch.rand(glu.gate.shape[0], generator=generator)
+    return ((glu.gate * glu.gate_grad).abs().sum(1) + (glu.up * glu.up_grad).abs().sum(1)
+            + (glu.down * glu.down_grad).abs().sum(0)).float()
+
+
+def keep_indices(scores: torch.Tensor, size: int) -> torch.Tensor:
+    """The ``size`` highest-scoring neurons, in their original order (ties: the lower index)."""
+    order = torch.sort(scores, descending=True, stable=True).indices[:size]
+    return order.sort().values
+
+
+def prune_checkpoint(src: Path, dst: Path, arch: MoEArchitecture, keep: dict[tuple[int, int | None], torch.Tensor],
+                     config: dict) -> None:
+    """Write ``src`` with each expert's neurons cut to ``keep[(layer, expert)]`` (``expert`` None: the shared
+    expert) into ``dst``, one tensor at a time, with ``config`` as its config.json."""
+    checkpoint = Checkpoint(src)
+    try:
+        plan, cut = [], {}
+        for name in checkpoint.names:
+            info = checkpoint.tensors[name]
+            shape = list(info.shape)
+            for pattern, key_of in ((arch.expert, lambda m: (int(m[1]), int(m[2]), m[3])),
+                                    (arch.shared, lambda m: (int(m[1]), None, m[2]))):
+                match = re.match(pattern, name) if pattern else None
+                if match:
+                    layer, expert, projection = key_of(match)
+                    if (layer, expert) in keep:
+                        axis = 1 if projection == arch.column else 0
+                        cut[name] = (keep[(layer, expert)], axis)
+                        shape[axis] = len(keep[(layer, expert)])
+                    break
+            plan.append((name, info.dtype, tuple(shape)))
+        with atomic_directory(dst) as tmp:
+            writer = ShardWriter(tmp, plan)
+            for name, _, _ in plan:
+                tensor = checkpoint.read(name)
+                if name in cut:
+                    index, axis = cut[name]
+                    tensor = tensor.index_select(axis, index)
+                writer.write(name, tensor)
+            writer.close()
+            copy_side_files(checkpoint, tmp, skip={"config.json"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    finally:
+        checkpoint.close()
+
+
+def _fingerprint(src: Path, params: SlimMoEParams, stage: int) -> str:
+    weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in src.glob("*.safetensors"))
+    text = json.dumps([str(src.resolve()), weights, params.to_dict(), stage], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class SlimMoE(Optimizer):
+    name = "slim_moe"
+    description = "SlimMoE: slim every expert's GLU by KD sensitivity, in stages of pruning and distillation"
+    params_cls = SlimMoEParams
+
+    def run(self, src: Path, dst: Path, params: SlimMoEParams, host, progress=None) -> dict:
+        src, dst = Path(src), Path(dst)
+        config = json.loads((src / "config.json").read_text())
+        arch = architecture(config)
+        original = config.get("llmgraft_slim_moe", {}).get("source_size", config[arch.size_key])
+        shared_original = config.get(arch.shared_size_key) if arch.shared_size_key else None
+        sizes = [max(1, round(f * original)) for f in params.stages]
+        if sizes[0] > config[arch.size_key]:
+            raise ParamError(f"slim_moe: the first target size {sizes[0]} is larger than the model's current "
+                             f"{arch.size_key} {config[arch.size_key]}")
+        if params.shared_expert and shared_original is None:
+            raise ParamError(f"slim_moe: model_type {config['model_type']!r} has no shared expert to slim")
+        work = dst.parent / f".{dst.name}.stages"
+        work.mkdir(parents=True, exist_ok=True)
+        windows = host.token_windows(src, params.calib, params.calib_tokens + max(params.tokens_per_stage()),
+                                     params.seq_len)
+        calib = windows[: max(1, params.calib_tokens // params.seq_len)]
+        gen = torch.Generator().manual_seed(params.seed)
+
+        def loss(student_logits, teacher_logits):
+            return kd_loss(student_logits, teacher_logits, params.top_k)
+
+        current, stages = src, []
+        for i, (fraction, size, tokens) in enumerate(zip(params.stages, sizes, params.tokens_per_stage())):
+            stage_dir, marker = work / f"stage-{i}", work / f"stage-{i}.done"
+            fingerprint = _fingerprint(src, params, i)
+            if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+                stages.append(json.loads(marker.read_text())["report"])
+                current = stage_dir
+                continue
+            keep = {}
+            for glu in host.glu_gradients(current, src, calib, loss, params.batch_size):
+                if glu.expert is None and not params.shared_expert:
+                    continue
+                target = size if glu.expert is not None else max(1, round(fraction * shared_original))
+                keep[(glu.layer, glu.expert)] = keep_indices(neuron_scores(glu, params.importance, gen), target)
+            stage_config = json.loads((current / "config.json").read_text())
+            stage_config[arch.size_key] = size
+            if params.shared_expert:
+                stage_config[arch.shared_size_key] = max(1, round(fraction * shared_original))
+            pruned = work / f"stage-{i}-pruned"
+            prune_checkpoint(current, pruned, arch, keep, stage_config)
+            steps = tokens // (params.batch_size * params.seq_len)
+            train = windows[len(calib):] if len(windows) > len(calib) else windows
+            metrics = host.distil(pruned, src, train, loss, steps, params.lr, params.batch_size, stage_dir,
+                                  params.seed + i) if steps else _copy(pruned, stage_dir)
+            shutil.rmtree(pruned, ignore_errors=True)
+            report = {"stage": i, "size": size, "tokens": steps * params.batch_size * params.seq_len,
+                      "steps": steps, **metrics}
+            marker.write_text(json.dumps({"fingerprint": fingerprint, "report": report}))
+            stages.append(report)
+            current = stage_dir
+            if progress:
+                progress(report)
+        final = json.loads((current / "config.json").read_text())
+        final["llmgraft_slim_moe"] = {"source": str(src.resolve()), "source_size": original,
+                                      "size_key": arch.size_key, "stages": stages,
+                                      "params": {k: v for k, v in params.to_dict().items()}}
+        with atomic_directory(dst) as tmp:
+            for path in current.iterdir():
+                if path.is_file() and path.name != "config.json":
+                    shutil.copy2(path, tmp / path.name)
+            (tmp / "config.json").write_text(json.dumps(final, indent=2, default=list) + "\n")
+        shutil.rmtree(work, ignore_errors=True)
+        return {"architecture": config["model_type"], "size_key": arch.size_key, "from": original,
+                "to": sizes[-1], "stages": stages}
+
+
+def _copy(src: Path, dst: Path) -> dict:
+    with atomic_directory(dst) as tmp:
+        for path in src.iterdir():
+            shutil.copy2(path, tmp / path.name)
+    return {}
+
+
+@hookimpl
+def llmgraft_register_optimizers(register):
+    register(SlimMoE())
+
