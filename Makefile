@@ -24,6 +24,7 @@ demo: setup
 	$(VENV)/bin/llmgraft demo --plot $(DEMO_PLOT) $(DEMO_ARGS)
 	$(VENV)/bin/llmgraft demo merge
 	$(VENV)/bin/llmgraft demo mos
+	$(VENV)/bin/llmgraft demo slim-moe
 
 test: setup
 	$(PY) -m pytest -q

@@ -5,21 +5,25 @@
     llmgraft demo samplers           a quick sampler lab on the bundled code LM (every sampler's frontier)
     llmgraft demo merge              fine-tunes of the code LM merged by every merger: loss, time, memory
     llmgraft demo mos                MoS against LoRA of equal trainable parameters on the code LM
+    llmgraft demo slim-moe           SlimMoE on an MoE upcycled from the code LM: parameters and loss
     llmgraft lab --model DIR --prompts FILE --samplers top_p,min_p,top_h,top_w,top_nsigma,p_less
                                      sweep each sampler's knob on your model: table and frontier plot
     llmgraft merge --method mwa|consensus|ties|task_arithmetic|uniform [--base B] IN... --out O
                                      merge full checkpoints (safetensors), streamed, written atomically
     llmgraft tall build --base B IN... --out STORE  /  llmgraft tall rebuild STORE --task T --out O
     llmgraft export-lora ADAPTER OUT  a saved MoS (any llmgraft adapter) as a plain LoRA adapter for vLLM
+    llmgraft slim-moe --model M --calib FILE --stages 0.75,0.5 --tokens N --out O
+                                     SlimMoE: slim every expert of an MoE model in prune + distil stages
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import __version__
-from .hooks import FAMILIES, get_registry
+from .hooks import FAMILIES, ParamError, get_registry
 from .report import format_table
 
 
@@ -54,6 +58,11 @@ def cmd_plugins(_args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.topic == "slim-moe":
+        from .demo_slim import run_slim_demo
+
+        run_slim_demo(seed=args.seed)
+        return 0
     if args.topic == "mos":
         from .demo_mos import run_mos_demo
 
@@ -125,8 +134,6 @@ def _per_input_values(args: argparse.Namespace, count: int) -> list[dict] | None
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     method = args.method.replace("-", "_")
     if any((Path(p) / "adapter_config.json").is_file() for p in args.inputs):  # PEFT adapters: merge their deltas
         from .integrations.peft import merge_adapter_dirs
@@ -163,12 +170,41 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _numbers(text: str, kind=float) -> tuple:
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ParamError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_slim_moe(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .integrations.transformers.host import TransformersHost
+    from .offline.merge import check_output
+
+    out = check_output(args.out, args.force, [args.model])
+    slim = get_registry().get("optimizer", "slim_moe")
+    values = {"stages": _numbers(args.stages), "tokens": args.tokens, "calib": args.calib,
+              "shared_expert": args.shared_expert, "importance": args.importance, "seed": args.seed}
+    if args.stage_tokens:
+        values["stage_tokens"] = _numbers(args.stage_tokens, int)
+    params = slim.params_cls.from_mapping(values)
+    with tqdm(total=len(params.stages), desc="SlimMoE stages", unit="stage") as bar:
+        def progress(report):
+            bar.set_postfix(size=report["size"], loss=f"{report.get('train_loss', float('nan')):.3f}")
+            bar.update(1)
+
+        report = slim.run(Path(args.model), out, params, TransformersHost(), progress=progress)
+    print(f"slimmed {report['architecture']} {report['size_key']} {report['from']} -> {report['to']} in "
+          f"{len(report['stages'])} stage(s) -> {out}")
+    return 0
+
+
 def cmd_tall(args: argparse.Namespace) -> int:
     from .offline.merge import build_tall, rebuild_tall
 
     if args.tall_command == "build":
-        from pathlib import Path
-
         from .hooks.errors import ParamError
         from .offline.merge import check_output
 
@@ -210,9 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list loaded methods and their parameters").set_defaults(func=cmd_plugins)
     demo = sub.add_parser("demo", help="compare samplers on a real vLLM engine",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("topic", nargs="?", default="top_h", choices=["top_h", "samplers", "merge", "mos"],
+    demo.add_argument("topic", nargs="?", default="top_h", choices=["top_h", "samplers", "merge", "mos", "slim-moe"],
                       help="top_h: Top-H against vLLM's top-p and min-p; samplers: a quick sampler lab; merge: "
-                           "fine-tunes of the code LM merged by every merger; mos: MoS against LoRA")
+                           "fine-tunes of the code LM merged by every merger; mos: MoS against LoRA; slim-moe: "
+                           "SlimMoE on an MoE")
     demo.add_argument("--out", default="lab-demo", help="samplers topic: where the table and plot go")
     demo.add_argument("--model", help="model directory (default: the bundled code LM)")
     demo.add_argument("--samples", type=int, default=8, help="completions per prompt")
@@ -286,6 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="where the LoRA adapter goes (written atomically)")
     export.add_argument("--force", action="store_true", help="replace OUT if it exists")
     export.set_defaults(func=cmd_export_lora)
+    slim = sub.add_parser("slim-moe", help="SlimMoE: slim every expert of an MoE model (Mixtral, Qwen2-MoE, PhiMoE)",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                          description="Prune each expert's intermediate neurons by KD sensitivity and distil from "
+                                      "the original, in stages; writes an ordinary checkpoint of the same "
+                                      "architecture. An interrupted run resumes at its first unfinished stage.")
+    slim.add_argument("--model", required=True, help="the MoE model directory (safetensors)")
+    slim.add_argument("--calib", required=True, help="calibration and distillation text file ('stdlib': Python's "
+                                                     "standard library)")
+    slim.add_argument("--stages", default="0.75,0.5", help="target sizes per stage, as fractions of the current one")
+    slim.add_argument("--tokens", type=int, default=32768, help="total distillation tokens, split evenly over stages")
+    slim.add_argument("--stage-tokens", help="distillation tokens per stage, comma-separated (overrides --tokens)")
+    slim.add_argument("--shared-expert", action="store_true", help="also slim Qwen2-MoE's shared expert")
+    slim.add_argument("--importance", default="sensitivity", choices=["sensitivity", "random"],
+                      help="how neurons are ranked")
+    slim.add_argument("--seed", type=int, default=0, help="data order and random-pruning seed")
+    slim.add_argument("--out", required=True, help="output model directory (written atomically)")
+    slim.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    slim.set_defaults(func=cmd_slim_moe)
     return parser
 
 

@@ -6,13 +6,16 @@ No official code exists; these are our choices, each documented here and in the 
 - **What is pruned.** Every expert is kept; each expert's GLU loses intermediate neurons (gate and up rows,
   down columns) down to one size for all experts, chosen per expert. Optionally the shared expert of
   Qwen2-MoE too (to the same fraction of its own size).
-- **Importance.** A neuron's score is Σ|θ ⊙ ∇θ L_KD| over its gate row, up row and down column, with the
-  gradient of the mean distillation loss over the calibration windows (accumulated, then multiplied by
-  θ): the first-order estimate of the loss change when the neuron is removed.
-- **The distillation loss L_KD.** Per position, the teacher's top-k logits (k = 8) renormalised to a
-  distribution p̃, against the student's full-vocabulary log-softmax at those k tokens:
-  Σ p̃ (log p̃ − log p_S). The student's mass outside the teacher's top-k counts as loss, so the loss, and
-  the importance gradient, are not zero even when the student is the teacher (stage 1's first pass).
+- **Importance.** A neuron's score is Σ|θ ⊙ ∇θ L| over its gate row, up row and down column, with the
+  gradient of the mean loss over the calibration windows (accumulated, then multiplied by θ): the
+  first-order estimate of the loss change when the neuron is removed. L is the KL from the teacher's top-k
+  logits renormalised (p̃) to the student's full-vocabulary log-probabilities at those tokens,
+  Σ p̃ (log p̃ − log q) (``importance_loss``): the distillation loss below is exactly zero, with a zero
+  gradient, when the student is the teacher, which is what the first stage scores.
+- **The distillation loss L_KD** (``kd_loss``). Per position, the KL between teacher and student over the
+  teacher's top-k tokens (k = 8) plus one bucket for the rest of the vocabulary, both from full softmaxes:
+  its minimum is the teacher. (Distilling with ``importance_loss`` instead teaches the student to put all
+  its mass on the teacher's top k, which raised the held-out loss in our runs.)
 - **The schedule.** Stages of decreasing target sizes (fractions of the source's intermediate size); each
   stage scores the current model, prunes it, then distils it for its share of the token budget (evenly
   split unless given per stage). The teacher is always the source model.
@@ -108,7 +111,24 @@ def architecture(config: dict) -> MoEArchitecture:
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Mean over positions of KL(p̃_T ‖ p_S) on the teacher's top-k tokens (see the module docstring)."""
+    """The distillation loss: mean over positions of the KL between teacher and student on the teacher's
+    top-k tokens plus one bucket for the rest, KL((p_1..p_k, 1 − Σp) ‖ (q_1..q_k, 1 − Σq)) with p and q the
+    full softmaxes. Its minimum is the teacher itself."""
+    values, indices = teacher_logits.float().topk(top_k, dim=-1)
+    teacher_all = teacher_logits.float().log_softmax(-1)
+    student_all = student_logits.float().log_softmax(-1)
+    teacher, student = teacher_all.gather(-1, indices), student_all.gather(-1, indices)
+    teacher_rest = torch.log1p(-teacher.exp().sum(-1).clamp(max=1 - 1e-6))
+    student_rest = torch.log1p(-student.exp().sum(-1).clamp(max=1 - 1e-6))
+    kl = (teacher.exp() * (teacher - student)).sum(-1) + teacher_rest.exp() * (teacher_rest - student_rest)
+    return kl.mean()
+
+
+def importance_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The loss whose gradient scores neurons: KL from the teacher's top-k logits renormalised (p̃) to the
+    student's full-vocabulary log-probabilities at those tokens, Σ p̃ (log p̃ − log q). Unlike ``kd_loss`` it
+    is not zero when the student is the teacher (the student's mass outside the top-k counts), so the first
+    stage, which scores the teacher itself, gets a gradient."""
     values, indices = teacher_logits.float().topk(top_k, dim=-1)
     teacher = values.log_softmax(-1)
     student = student_logits.float().log_softmax(-1).gather(-1, indices)
@@ -165,6 +185,24 @@ def prune_checkpoint(src: Path, dst: Path, arch: MoEArchitecture, keep: dict[tup
         checkpoint.close()
 
 
+def moe_parameters(model_dir: str | Path) -> dict[str, int]:
+    """Parameters of an MoE checkpoint: ``total``, ``experts`` (routed) and ``active`` per token (everything
+    but the routed experts, plus top-k of them), from its config and tensor headers."""
+    import math
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    arch = architecture(config)
+    checkpoint = Checkpoint(model_dir)
+    try:
+        sizes = {name: math.prod(info.shape) for name, info in checkpoint.tensors.items()}
+    finally:
+        checkpoint.close()
+    total = sum(sizes.values())
+    experts = sum(n for name, n in sizes.items() if re.match(arch.expert, name))
+    count = config.get("num_local_experts") or config.get("num_experts")
+    return {"total": total, "experts": experts, "active": total - experts + experts * config["num_experts_per_tok"] // count}
+
+
 def _fingerprint(src: Path, params: SlimMoEParams, stage: int) -> str:
     weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in src.glob("*.safetensors"))
     text = json.dumps([str(src.resolve()), weights, params.to_dict(), stage], sort_keys=True, default=str)
@@ -198,6 +236,9 @@ class SlimMoE(Optimizer):
         def loss(student_logits, teacher_logits):
             return kd_loss(student_logits, teacher_logits, params.top_k)
 
+        def score_loss(student_logits, teacher_logits):
+            return importance_loss(student_logits, teacher_logits, params.top_k)
+
         current, stages = src, []
         for i, (fraction, size, tokens) in enumerate(zip(params.stages, sizes, params.tokens_per_stage())):
             stage_dir, marker = work / f"stage-{i}", work / f"stage-{i}.done"
@@ -207,7 +248,7 @@ class SlimMoE(Optimizer):
                 current = stage_dir
                 continue
             keep = {}
-            for glu in host.glu_gradients(current, src, calib, loss, params.batch_size):
+            for glu in host.glu_gradients(current, src, calib, score_loss, params.batch_size):
                 if glu.expert is None and not params.shared_expert:
                     continue
                 target = size if glu.expert is not None else max(1, round(fraction * shared_original))

@@ -108,3 +108,51 @@ def build_tiny_qwen2_moe(out_dir: str | Path, seed: int = 0) -> Path:
                          decoder_sparse_step=1, max_position_embeddings=1024, bos_token_id=0, eos_token_id=0,
                          pad_token_id=0, tie_word_embeddings=False)
     return save_model_dir(_seeded(Qwen2MoeForCausalLM, cfg, seed), tok, Path(out_dir))
+
+
+def build_tiny_phimoe(out_dir: str | Path, seed: int = 0) -> Path:
+    """Random-weight 2-layer PhiMoE with 4 experts (top-2) on the bundled tokenizer."""
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    tok = load_tokenizer()
+    cfg = PhimoeConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
+                       max_position_embeddings=1024, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                       tie_word_embeddings=False)
+    return save_model_dir(_seeded(PhimoeForCausalLM, cfg, seed), tok, Path(out_dir))
+
+
+def upcycle_to_mixtral(dense_dir: str | Path, out_dir: str | Path, experts: int = 4, top_k: int = 2,
+                       noise: float = 0.02, seed: int = 0) -> Path:
+    """A Mixtral MoE made from a dense Llama by sparse upcycling: every expert starts as a copy of the dense
+    MLP (times 1 + ``noise``·N(0, 1) per weight, so experts differ), the router at small random weights.
+    Before any training it computes nearly what the dense model does, so it is a working MoE in seconds
+    (the bundled code LM upcycled is the MoE that the SlimMoE demo and benchmark slim)."""
+    import torch
+    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(str(dense_dir), dtype=torch.float32)
+    c = dense.config
+    cfg = MixtralConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+                        rms_norm_eps=c.rms_norm_eps, rope_theta=getattr(c, "rope_theta", 10000.0),
+                        num_local_experts=experts, num_experts_per_tok=top_k, tie_word_embeddings=c.tie_word_embeddings,
+                        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+                        router_aux_loss_coef=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    moe = MixtralForCausalLM(cfg)
+    state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
+    moe.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for dense_layer, layer in zip(dense.model.layers, moe.model.layers):
+            gate_up = torch.cat([dense_layer.mlp.gate_proj.weight, dense_layer.mlp.up_proj.weight])
+            down = dense_layer.mlp.down_proj.weight
+            for e in range(experts):
+                layer.mlp.experts.gate_up_proj[e] = gate_up * (1 + noise * torch.randn(gate_up.shape, generator=gen))
+                layer.mlp.experts.down_proj[e] = down * (1 + noise * torch.randn(down.shape, generator=gen))
+            layer.mlp.gate.weight.normal_(0.0, 0.02, generator=gen)
+    if cfg.tie_word_embeddings:
+        moe.tie_weights()
+    return save_model_dir(moe.eval(), load_tokenizer(Path(dense_dir)), Path(out_dir))
