@@ -3,12 +3,13 @@ calibration text, the gradients of a loss against a frozen teacher, and distilla
 
 Distillation runs through ``Trainer``, so one stage runs unchanged on several processes or GPUs::
 
-    accelerate launch --cpu --num_processes 2 -m llmgraft.integrations.transformers.host distil \\
+    accelerate launch --multi_gpu --num_processes 2 -m llmgraft.integrations.transformers.host distil \\
         --student PRUNED --teacher SOURCE --calib FILE --steps 100 --out DISTILLED
 
-(with a DeepSpeed or FSDP accelerate config on GPUs). Experts are read in transformers' fused layout
-(``mlp.experts.gate_up_proj`` [E, 2I, H], gate rows first; ``mlp.experts.down_proj`` [E, H, I]) and handed
-to the pass in checkpoint orientation.
+(with a DeepSpeed or FSDP accelerate config on GPUs; on a machine without GPUs the same command runs DDP
+over gloo, while accelerate 1.15's ``--cpu --num_processes 2`` starts one process unless mpirun is set up).
+Experts are read in transformers' fused layout (``mlp.experts.gate_up_proj`` [E, 2I, H], gate rows first;
+``mlp.experts.down_proj`` [E, H, I]) and handed to the pass in checkpoint orientation.
 """
 
 from __future__ import annotations
