@@ -78,6 +78,28 @@ def test_pruning_removes_exactly_the_chosen_neurons(moe, tmp_path):
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in zeroed.parameters())
 
 
+@pytest.mark.parametrize("builder", ["build_tiny_mixtral", "build_tiny_phimoe"])
+def test_head_pruning_removes_exactly_the_chosen_groups(builder, tmp_path):
+    """Dropping a KV-head group (its q, k, v rows and o columns) equals zeroing its heads' columns of o."""
+    from llmgraft.plugins.slim_moe import group_rows
+
+    moe = getattr(models, builder)(tmp_path / "moe")
+    config = json.loads((moe / "config.json").read_text())
+    heads, kv, d = config["num_attention_heads"], config["num_key_value_heads"], 64 // config["num_attention_heads"]
+    zeroed, kept_groups = load(moe), {}
+    for index, layer in enumerate(zeroed.model.layers):
+        kept = torch.tensor([index % kv])  # a different group per layer
+        kept_groups[index] = group_rows(kept, heads, kv, d)
+        drop = torch.ones(heads * d, dtype=torch.bool)
+        drop[kept_groups[index]["q"]] = False
+        with torch.no_grad():
+            layer.self_attn.o_proj.weight[:, drop] = 0
+    new = {**config, "num_attention_heads": heads // kv, "num_key_value_heads": 1, "head_dim": d}
+    prune_checkpoint(moe, tmp_path / "pruned", ARCHITECTURES[config["model_type"]], {}, new, kept_groups)
+    with torch.no_grad():
+        assert torch.allclose(load(tmp_path / "pruned")(IDS).logits, zeroed(IDS).logits, atol=1e-5)
+
+
 def test_losses_are_what_they_say():
     gen = torch.Generator().manual_seed(0)
     teacher, student = torch.randn(2, 3, 50, generator=gen), torch.randn(2, 3, 50, generator=gen)
@@ -161,6 +183,9 @@ def test_bad_input_is_refused(tiny_llama, tmp_path):
     short.write_text("def f(): pass\n")
     with pytest.raises(ParamError, match="calibration data too short"):
         SlimMoE().run(mixtral, tmp_path / "x", SlimMoEParams(**{**FAST, "calib": str(short)}), host)
+    qwen = models.build_tiny_qwen2_moe(tmp_path / "qwen")
+    with pytest.raises(ParamError, match="attention pruning is for Mixtral and PhiMoE only"):
+        SlimMoE().run(qwen, tmp_path / "x", SlimMoEParams(**FAST, attention=(1.0, 0.5)), host)
     with pytest.raises(ParamError, match="has no shared expert"):
         SlimMoE().run(mixtral, tmp_path / "x", SlimMoEParams(**FAST, shared_expert=True), host)
     SlimMoE().run(mixtral, tmp_path / "half", SlimMoEParams(stages=(0.5,), tokens=0, calib_tokens=512), host)
@@ -195,10 +220,13 @@ def test_distillation_stage_runs_under_accelerate_ddp(tmp_path):
 
 @pytest.mark.engine
 def test_output_loads_in_vllm_with_no_plugin(tmp_path):
-    """The slimmed checkpoint is an ordinary Mixtral: vLLM, with plugins disabled, serves it and its greedy
-    tokens equal transformers'."""
+    """The slimmed checkpoint (experts and KV-head groups halved) is an ordinary Mixtral: vLLM, with plugins
+    disabled, serves it (head_dim from the config) and its greedy tokens equal transformers'."""
     teacher = models.build_tiny_mixtral(tmp_path / "teacher")
-    SlimMoE().run(teacher, tmp_path / "slim", SlimMoEParams(stages=(0.5,), **FAST), TransformersHost())
+    SlimMoE().run(teacher, tmp_path / "slim", SlimMoEParams(stages=(0.5,), attention=(0.5,), **FAST),
+                  TransformersHost())
+    config = json.loads((tmp_path / "slim" / "config.json").read_text())
+    assert (config["num_key_value_heads"], config["num_attention_heads"], config["head_dim"]) == (1, 1, 32)
     code = f"""
 from vllm import SamplingParams
 from llmgraft.testing.engine import cpu_engine

@@ -36,15 +36,35 @@ class GLUWeights:
     down_grad: torch.Tensor
 
 
+@dataclass
+class AttentionWeights:
+    """One attention layer's projections with their gradients, in checkpoint orientation: ``q``/``k``/``v``
+    [heads·head_dim or kv_heads·head_dim, H] (a head is a block of rows), ``o`` [H, heads·head_dim] (a head
+    is a block of columns)."""
+
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    q_grad: torch.Tensor
+    k_grad: torch.Tensor
+    v_grad: torch.Tensor
+    o_grad: torch.Tensor
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
 class ModelHost(Protocol):
     def token_windows(self, model_dir: Path, text_file: Path, tokens: int, seq_len: int) -> torch.Tensor:
         """``text_file`` tokenized with the model's tokenizer, cut into [N, seq_len] windows, at most ``tokens``
         tokens in all; an error when it holds fewer than one batch's worth."""
 
-    def glu_gradients(self, student_dir: Path, teacher_dir: Path, windows: torch.Tensor, loss: DistillLoss,
-                      batch_size: int) -> Iterator[GLUWeights]:
-        """The student's expert weights with the gradient of the mean ``loss`` against the frozen teacher over
-        ``windows``, one gated MLP at a time."""
+    def gradients(self, student_dir: Path, teacher_dir: Path, windows: torch.Tensor, loss: DistillLoss,
+                  batch_size: int) -> Iterator[GLUWeights | AttentionWeights]:
+        """The student's expert and attention weights with the gradient of the mean ``loss`` against the frozen
+        teacher over ``windows``, one gated MLP or attention layer at a time."""
 
     def distil(self, student_dir: Path, teacher_dir: Path, windows: torch.Tensor, loss: DistillLoss, steps: int,
                lr: float, batch_size: int, out_dir: Path, seed: int) -> dict:

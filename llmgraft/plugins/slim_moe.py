@@ -5,7 +5,9 @@ No official code exists; these are our choices, each documented here and in the 
 
 - **What is pruned.** Every expert is kept; each expert's GLU loses intermediate neurons (gate and up rows,
   down columns) down to one size for all experts, chosen per expert. Optionally the shared expert of
-  Qwen2-MoE too (to the same fraction of its own size).
+  Qwen2-MoE too (to the same fraction of its own size), and, for Mixtral and PhiMoE, attention by whole
+  KV-head groups (a key/value head and the query heads that share it), the same count in every layer,
+  chosen per layer; the config then states ``head_dim``, which no longer equals hidden / heads.
 - **Importance.** A neuron's score is Σ|θ ⊙ ∇θ L| over its gate row, up row and down column, with the
   gradient of the mean loss over the calibration windows (accumulated, then multiplied by θ): the
   first-order estimate of the loss change when the neuron is removed. L is the KL from the teacher's top-k
@@ -51,15 +53,19 @@ class MoEArchitecture:
     column: str                        # down projection: a neuron is a column
     shared_size_key: str | None = None
     shared: str | None = None          # regex: groups layer, projection
+    attention: str | None = None       # regex: groups layer, projection (q, k, v, o), kind; None: no head pruning
+
+
+_ATTENTION = r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.(weight|bias)$"
 
 
 ARCHITECTURES = {
     "mixtral": MoEArchitecture("intermediate_size",
                                r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$",
-                               ("w1", "w3"), "w2"),
+                               ("w1", "w3"), "w2", attention=_ATTENTION),
     "phimoe": MoEArchitecture("intermediate_size",
                               r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$",
-                              ("w1", "w3"), "w2"),
+                              ("w1", "w3"), "w2", attention=_ATTENTION),
     "qwen2_moe": MoEArchitecture("moe_intermediate_size",
                                  r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$",
                                  ("gate_proj", "up_proj"), "down_proj", "shared_expert_intermediate_size",
@@ -81,6 +87,8 @@ class SlimMoEParams(Params):
     batch_size: int = param(8, range="[1, inf)", help="windows per importance and training batch")
     lr: float = param(5e-4, range="(0, 1)", help="distillation learning rate (AdamW, constant)")
     shared_expert: bool = param(False, help="also slim Qwen2-MoE's shared expert, to the same fractions")
+    attention: tuple[float, ...] | None = param(None, range="(0, 1]", help="fractions of KV-head groups kept "
+                                                "per stage (Mixtral, PhiMoE); None keeps attention whole")
     importance: str = choice("sensitivity", ("sensitivity", "random"),
                              help="sensitivity |θ·∇L_KD| per neuron, or random neurons (a baseline)")
     seed: int = param(0, range="[0, inf)", help="seed of the distillation data order and of random pruning")
@@ -91,6 +99,10 @@ class SlimMoEParams(Params):
         if self.stage_tokens is not None and len(self.stage_tokens) != len(self.stages):
             raise ParamError(f"slim_moe: stage_tokens has {len(self.stage_tokens)} values for "
                              f"{len(self.stages)} stages")
+        if self.attention is not None and len(self.attention) != len(self.stages):
+            raise ParamError(f"slim_moe: attention has {len(self.attention)} fractions for {len(self.stages)} stages")
+        if self.attention is not None and any(b > a for a, b in zip(self.attention, self.attention[1:])):
+            raise ParamError(f"slim_moe: attention fractions must not increase, got {self.attention}")
         if self.stage_tokens is not None and any(t < 0 for t in self.stage_tokens):
             raise ParamError("slim_moe: stage_tokens must not be negative")
 
@@ -143,6 +155,27 @@ def neuron_scores(glu, importance: str, generator: torch.Generator | None = None
             + (glu.down * glu.down_grad).abs().sum(0)).float()
 
 
+def group_scores(attention, importance: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-KV-head-group importance [kv_heads] of one attention layer (``hosts.AttentionWeights``): a group is
+    one key/value head and the query heads that share it, with their rows of q, k, v and columns of o."""
+    if importance == "random":
+        return torch.rand(attention.kv_heads, generator=generator)
+    d, per = attention.head_dim, attention.heads // attention.kv_heads
+    rows = [(w * g).abs().sum(1) for w, g in ((attention.q, attention.q_grad), (attention.k, attention.k_grad),
+                                              (attention.v, attention.v_grad))]
+    out = (attention.o * attention.o_grad).abs().sum(0)
+    q = (rows[0] + out).view(attention.kv_heads, per * d).sum(1)
+    return (q + rows[1].view(attention.kv_heads, d).sum(1) + rows[2].view(attention.kv_heads, d).sum(1)).float()
+
+
+def group_rows(groups: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+    """Rows of q (and columns of o) and rows of k and v that the kept KV-head ``groups`` own."""
+    per = heads // kv_heads
+    q_heads = (groups[:, None] * per + torch.arange(per)).flatten()
+    blocks = lambda h: (h[:, None] * head_dim + torch.arange(head_dim)).flatten()  # noqa: E731
+    return {"q": blocks(q_heads), "kv": blocks(groups)}
+
+
 def keep_indices(scores: torch.Tensor, size: int) -> torch.Tensor:
     """The ``size`` highest-scoring neurons, in their original order (ties: the lower index)."""
     order = torch.sort(scores, descending=True, stable=True).indices[:size]
@@ -150,9 +183,10 @@ def keep_indices(scores: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def prune_checkpoint(src: Path, dst: Path, arch: MoEArchitecture, keep: dict[tuple[int, int | None], torch.Tensor],
-                     config: dict) -> None:
+                     config: dict, heads: dict[int, dict[str, torch.Tensor]] | None = None) -> None:
     """Write ``src`` with each expert's neurons cut to ``keep[(layer, expert)]`` (``expert`` None: the shared
-    expert) into ``dst``, one tensor at a time, with ``config`` as its config.json."""
+    expert), and each attention layer's heads to ``heads[layer]`` (``group_rows``), into ``dst``, one tensor at
+    a time, with ``config`` as its config.json."""
     checkpoint = Checkpoint(src)
     try:
         plan, cut = [], {}
@@ -169,6 +203,13 @@ def prune_checkpoint(src: Path, dst: Path, arch: MoEArchitecture, keep: dict[tup
                         cut[name] = (keep[(layer, expert)], axis)
                         shape[axis] = len(keep[(layer, expert)])
                     break
+            match = re.match(arch.attention, name) if arch.attention and heads else None
+            if match and int(match[1]) in heads:
+                rows = heads[int(match[1])]["q" if match[2] in "qo" else "kv"]
+                axis = 1 if match[2] == "o" and match[3] == "weight" else 0
+                if not (match[2] == "o" and match[3] == "bias"):  # o's bias is per output feature: kept
+                    cut[name] = (rows, axis)
+                    shape[axis] = len(rows)
             plan.append((name, info.dtype, tuple(shape)))
         with atomic_directory(dst) as tmp:
             writer = ShardWriter(tmp, plan)
@@ -224,6 +265,10 @@ class SlimMoE(Optimizer):
         if sizes[0] > config[arch.size_key]:
             raise ParamError(f"slim_moe: the first target size {sizes[0]} is larger than the model's current "
                              f"{arch.size_key} {config[arch.size_key]}")
+        if params.attention is not None and arch.attention is None:
+            raise ParamError(f"slim_moe: attention pruning is for Mixtral and PhiMoE only; stock vLLM derives "
+                             f"{config['model_type']}'s head size from hidden_size / heads and ignores head_dim")
+        kv_original = config.get("llmgraft_slim_moe", {}).get("source_kv_heads", config.get("num_key_value_heads"))
         if params.shared_expert and shared_original is None:
             raise ParamError(f"slim_moe: model_type {config['model_type']!r} has no shared expert to slim")
         work = dst.parent / f".{dst.name}.stages"
@@ -247,18 +292,29 @@ class SlimMoE(Optimizer):
                 stages.append(json.loads(marker.read_text())["report"])
                 current = stage_dir
                 continue
-            keep = {}
-            for glu in host.glu_gradients(current, src, calib, score_loss, params.batch_size):
-                if glu.expert is None and not params.shared_expert:
-                    continue
-                target = size if glu.expert is not None else max(1, round(fraction * shared_original))
-                keep[(glu.layer, glu.expert)] = keep_indices(neuron_scores(glu, params.importance, gen), target)
             stage_config = json.loads((current / "config.json").read_text())
+            groups = max(1, round(params.attention[i] * kv_original)) if params.attention else None
+            if groups is not None and groups > stage_config["num_key_value_heads"]:
+                raise ParamError(f"slim_moe: stage {i} keeps {groups} KV-head groups, more than the model's "
+                                 f"current {stage_config['num_key_value_heads']}")
+            keep, heads = {}, {}
+            for part in host.gradients(current, src, calib, score_loss, params.batch_size):
+                if hasattr(part, "kv_heads"):  # an attention layer
+                    if groups is not None and groups < part.kv_heads:
+                        kept = keep_indices(group_scores(part, params.importance, gen), groups)
+                        heads[part.layer] = group_rows(kept, part.heads, part.kv_heads, part.head_dim)
+                        stage_config.update(num_key_value_heads=groups, head_dim=part.head_dim,
+                                            num_attention_heads=groups * (part.heads // part.kv_heads))
+                    continue
+                if part.expert is None and not params.shared_expert:
+                    continue
+                target = size if part.expert is not None else max(1, round(fraction * shared_original))
+                keep[(part.layer, part.expert)] = keep_indices(neuron_scores(part, params.importance, gen), target)
             stage_config[arch.size_key] = size
             if params.shared_expert:
                 stage_config[arch.shared_size_key] = max(1, round(fraction * shared_original))
             pruned = work / f"stage-{i}-pruned"
-            prune_checkpoint(current, pruned, arch, keep, stage_config)
+            prune_checkpoint(current, pruned, arch, keep, stage_config, heads)
             steps = tokens // (params.batch_size * params.seq_len)
             train = windows[len(calib):] if len(windows) > len(calib) else windows
             metrics = host.distil(pruned, src, train, loss, steps, params.lr, params.batch_size, stage_dir,
@@ -273,6 +329,7 @@ class SlimMoE(Optimizer):
                 progress(report)
         final = json.loads((current / "config.json").read_text())
         final["llmgraft_slim_moe"] = {"source": str(src.resolve()), "source_size": original,
+                                      "source_kv_heads": kv_original,
                                       "size_key": arch.size_key, "stages": stages,
                                       "params": {k: v for k, v in params.to_dict().items()}}
         with atomic_directory(dst) as tmp:
@@ -282,7 +339,7 @@ class SlimMoE(Optimizer):
             (tmp / "config.json").write_text(json.dumps(final, indent=2, default=list) + "\n")
         shutil.rmtree(work, ignore_errors=True)
         return {"architecture": config["model_type"], "size_key": arch.size_key, "from": original,
-                "to": sizes[-1], "stages": stages}
+                "to": sizes[-1], "kv_heads": final.get("num_key_value_heads"), "stages": stages}
 
 
 def _copy(src: Path, dst: Path) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ...hooks import CheckpointError, ParamError
-from ...hooks.hosts import DistillLoss, GLUWeights
+from ...hooks.hosts import AttentionWeights, DistillLoss, GLUWeights
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -66,8 +66,8 @@ class TransformersHost:
             raise ParamError(f"calibration data too short: {len(stream)} tokens, less than one {seq_len}-token window")
         return torch.tensor(stream[:count * seq_len]).view(count, seq_len)
 
-    def glu_gradients(self, student_dir: Path, teacher_dir: Path, windows: torch.Tensor, loss: DistillLoss,
-                      batch_size: int) -> Iterator[GLUWeights]:
+    def gradients(self, student_dir: Path, teacher_dir: Path, windows: torch.Tensor, loss: DistillLoss,
+                  batch_size: int) -> Iterator[GLUWeights | AttentionWeights]:
         student, teacher = _load(student_dir).eval(), _load(teacher_dir).eval()
         student.zero_grad(set_to_none=True)
         for batch in _batches(windows, batch_size):
@@ -75,7 +75,14 @@ class TransformersHost:
                 target = teacher(input_ids=batch).logits
             (loss(student(input_ids=batch).logits, target) * (len(batch) / len(windows))).backward()
         del teacher
+        config = student.config
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         for index, layer in enumerate(student.model.layers):
+            attention = layer.self_attn
+            parts = [getattr(attention, f"{p}_proj").weight for p in "qkvo"]
+            yield AttentionWeights(index, *(p.detach() for p in parts), *(p.grad for p in parts), heads, kv_heads,
+                                   head_dim)
             mlp = getattr(layer, "mlp", None)
             experts = getattr(mlp, "experts", None)
             if experts is None:
