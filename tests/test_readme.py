@@ -13,7 +13,8 @@ import pytest
 from conftest import PLUGIN_INSTALL, ROOT
 from readme_blocks import block, blocks, commands
 
-HANDLED = {"make", "output of make demo", "same as make setup", "output of llmgraft plugins", "run", "mos", "mos-serve",
+HANDLED = {"make", "output of make demo", "same as make setup", "output of llmgraft plugins", "run", "mos", "mos-serve", "slim-moe",
+           "slim-moe-distributed", "output of llmgraft demo slim-moe",
            "server", "plugin install", "run with the plugin installed", "smoke", "layout", "lab", "merge"}
 
 
@@ -43,6 +44,8 @@ def test_quickstart_make_demo(tmp_path):
     assert shown.split() == header
     for label in ("vLLM top-p 0.9", "vLLM min-p 0.1", "llmgraft top-h 0.4"):
         assert label in out
+    slim = block("output of llmgraft demo slim-moe").code.splitlines()
+    assert slim[0] in out and all(line.split("  ")[0] in out for line in slim[2:])
     assert plot.stat().st_size > 10_000
 
 
@@ -122,3 +125,27 @@ def test_layout_lists_real_folders():
     for line in block("layout").code.splitlines():
         folder = re.split(r"\s{2,}", line)[0]
         assert (ROOT / folder).is_dir(), folder
+
+
+def test_slim_moe_command_runs_as_written(tmp_path):
+    from llmgraft.testing.models import build_tiny_mixtral
+
+    (command,) = commands(block("slim-moe").code)
+    model = build_tiny_mixtral(tmp_path / "my-mixtral")
+    (tmp_path / "calib.txt").write_text((ROOT / "llmgraft" / "cli.py").read_text() * 4)
+    argv = command.replace("--tokens 262144", "--tokens 4096").split()
+    assert argv[0] == "llmgraft"
+    result = subprocess.run([sys.executable, "-m", "llmgraft.cli", *argv[1:]], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "my-mixtral-slim" / "config.json").is_file() and model.is_dir()
+
+
+def test_slim_moe_distributed_command_names_real_options():
+    (command,) = commands(block("slim-moe-distributed").code)
+    argv = command.split()
+    assert argv[:2] == ["accelerate", "launch"] and argv[argv.index("-m") + 1:argv.index("-m") + 3] == [
+        "llmgraft.integrations.transformers.host", "distil"]
+    usage = run([sys.executable, "-m", "llmgraft.integrations.transformers.host", "distil", "--help"]).stdout
+    for flag in (a for a in argv[argv.index("distil") + 1:] if a.startswith("--")):
+        assert flag in usage, flag

@@ -90,7 +90,7 @@ class SlimMoEParams(Params):
     attention: tuple[float, ...] | None = param(None, range="(0, 1]", help="fractions of KV-head groups kept "
                                                 "per stage (Mixtral, PhiMoE); None keeps attention whole")
     importance: str = choice("sensitivity", ("sensitivity", "random"),
-                             help="sensitivity |θ·∇L_KD| per neuron, or random neurons (a baseline)")
+                             help="sensitivity |θ·∇L| per neuron or KV-head group, or random (a baseline)")
     seed: int = param(0, range="[0, inf)", help="seed of the distillation data order and of random pruning")
 
     def validate(self) -> None:
