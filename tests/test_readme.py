@@ -92,7 +92,8 @@ SMOKE_ARGS = {"bench_top_h.py": ["--runs", "1", "--repeats", "3", "--batches", "
               "bench_decode.py": ["--requests", "4", "--max-tokens", "8", "--repeats", "1"],
               "bench_server.py": ["--requests", "60", "--warmup", "10", "--concurrency", "8"],
               "bench_merge.py": ["--inputs", "2", "--methods", "uniform", "ties", "--size-mb", "6", "--no-mergekit"],
-              "bench_mos.py": ["--quick", "--steps", "3", "--seeds", "1"]}
+              "bench_mos.py": ["--quick", "--steps", "3", "--seeds", "1"],
+              "bench_slim_moe.py": ["--teacher-steps", "2", "--tokens", "1024", "--targets", "0.5", "--no-vllm"]}
 
 
 @pytest.mark.engine
