@@ -6,7 +6,7 @@ The teacher is a Mixtral-style MoE (4 experts, top-2, 11.5M parameters) made fro
 sparse upcycling and then trained on the standard-library corpus for ``--teacher-steps`` steps, so its
 experts differ. Its experts are slimmed to 50% and 25% of their intermediate size three ways, each with the
 same total distillation budget: one-shot (prune once, distil), staged (75% → 50%, or 75% → 50% → 25%) and
-random neurons (one-shot, the floor). Reported: held-out loss (the code LM's held-out split) against the
+random neurons (one-shot, the floor); and pruned alone (no distillation), by sensitivity and at random. Reported: held-out loss (the code LM's held-out split) against the
 teacher's, total and active parameters, and vLLM decode tokens/s of each model (one engine each, best of 3
 passes of 32 requests x 96 tokens).
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -99,16 +100,18 @@ def main() -> None:
     runs = []
     for target in args.targets:
         staged = schedules.get(target, (min(0.75, 2 * target), target))
-        runs += [(target, "random, one-shot", (target,), "random"), (target, "one-shot", (target,), "sensitivity"),
-                 (target, f"staged {' -> '.join(f'{s:g}' for s in staged)}", staged, "sensitivity")]
+        runs += [(target, "random, no distillation", (target,), "random", 0),
+                 (target, "sensitivity, no distillation", (target,), "sensitivity", 0),
+                 (target, "random, one-shot", (target,), "random", args.tokens),
+                 (target, "one-shot", (target,), "sensitivity", args.tokens),
+                 (target, f"staged {' -> '.join(f'{s:g}' for s in staged)}", staged, "sensitivity", args.tokens)]
     results = [{"target": 1.0, "method": "teacher", "loss": host.evaluate(teacher, windows, 8),
                 **moe_parameters(teacher), "path": str(teacher), "seconds": 0.0}]
-    for target, label, stages, importance in tqdm(runs, desc="slimming", unit="run"):
-        out = work / f"{target:g}-{label.split(' ')[0].strip(',')}"
+    for target, label, stages, importance, tokens in tqdm(runs, desc="slimming", unit="run"):
+        out = work / f"{target:g}-{re.sub(r'[^a-z0-9.]+', '-', label)}"
         start = time.perf_counter()
         if not (out / "config.json").is_file():
-            SlimMoE().run(teacher, out, SlimMoEParams(stages=stages, tokens=args.tokens, importance=importance),
-                          host)
+            SlimMoE().run(teacher, out, SlimMoEParams(stages=stages, tokens=tokens, importance=importance), host)
         results.append({"target": target, "method": label, "loss": host.evaluate(out, windows, 8),
                         **moe_parameters(out), "path": str(out), "seconds": time.perf_counter() - start})
     if not args.no_vllm:
