@@ -14,7 +14,11 @@ import pytest
 import torch
 
 from llmgraft.hooks import FAMILIES, Registry
+from llmgraft.integrations.transformers.host import TransformersHost
 from llmgraft.testing.contracts import ContractError, check_method
+
+#: What each family's contract needs from its caller.
+CONTEXT = {"optimizer": {"host": TransformersHost()}}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,7 @@ def test_every_registered_method_keeps_its_family_contract(registry, family):
     entries = registry.entries[family]
     assert entries, f"no {family} is registered, so this contract would test nothing"
     for entry in entries.values():
-        check_method(family, entry.obj)
+        check_method(family, entry.obj, **CONTEXT.get(family, {}))
 
 
 def _like(registry: Registry, family: str, name: str, **methods) -> object:
@@ -103,7 +107,7 @@ BROKEN = [
 @pytest.mark.parametrize("family, name, broken, promise", BROKEN, ids=[f"{b[0]}-{b[3][:24]}" for b in BROKEN])
 def test_contracts_catch_broken_methods(registry, family, name, broken, promise):
     with pytest.raises(ContractError, match=promise):
-        check_method(family, _like(registry, family, name, **broken(registry)))
+        check_method(family, _like(registry, family, name, **broken(registry)), **CONTEXT.get(family, {}))
 
 
 def test_registration_part_of_the_contract(registry):

@@ -235,15 +235,19 @@ def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def check_optimizer(method: Any) -> None:
-    from ..integrations.transformers.host import TransformersHost
+def check_optimizer(method: Any, host: Any = None) -> None:
+    """``host``: the ``ModelHost`` the pass runs with (``TransformersHost()`` for transformers models)."""
     from .models import build_tiny_mixtral
+
+    if host is None:
+        raise ContractError(f"optimizer {method.name!r}: pass host=... (a ModelHost, e.g. "
+                            "llmgraft.integrations.transformers.host.TransformersHost()) to check it")
 
     with tempfile.TemporaryDirectory() as scratch:
         src = build_tiny_mixtral(Path(scratch) / "src")
         before = _digest(src)
         dst = Path(scratch) / "out"
-        report = method.run(src, dst, default_params(method), TransformersHost())
+        report = method.run(src, dst, default_params(method), host)
         _require(isinstance(report, dict), method, "run returns a report dict")
         _require(_digest(src) == before, method, "the source checkpoint is left untouched")
         files = {p.name for p in dst.iterdir()} if dst.is_dir() else set()
@@ -324,10 +328,11 @@ CONTRACTS: dict[str, Callable[[Any], None]] = {
 assert set(CONTRACTS) == set(FAMILIES), "every family needs a contract"
 
 
-def check_method(family: str, method: Any) -> None:
-    """Registration checks plus the behavioural contract of ``family``; raises :class:`ContractError`."""
+def check_method(family: str, method: Any, **context: Any) -> None:
+    """Registration checks plus the behavioural contract of ``family``; raises :class:`ContractError`.
+    ``context`` is what a family's contract needs from the caller (optimizers: ``host``)."""
     try:
         FAMILIES[family].check(method)
     except TypeError as exc:
         raise ContractError(str(exc)) from None
-    CONTRACTS[family](method)
+    CONTRACTS[family](method, **context)
