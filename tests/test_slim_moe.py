@@ -219,14 +219,17 @@ def test_distillation_stage_runs_under_accelerate_ddp(tmp_path):
 
 
 @pytest.mark.engine
-def test_output_loads_in_vllm_with_no_plugin(tmp_path):
-    """The slimmed checkpoint (experts and KV-head groups halved) is an ordinary Mixtral: vLLM, with plugins
-    disabled, serves it (head_dim from the config) and its greedy tokens equal transformers'."""
-    teacher = models.build_tiny_mixtral(tmp_path / "teacher")
-    SlimMoE().run(teacher, tmp_path / "slim", SlimMoEParams(stages=(0.5,), attention=(0.5,), **FAST),
-                  TransformersHost())
+@pytest.mark.parametrize("kind, options", [("mixtral", {"attention": (0.5,)}), ("qwen2_moe", {"shared_expert": True})])
+def test_output_loads_in_vllm_with_no_plugin(kind, options, tmp_path):
+    """The slimmed checkpoint (experts halved; KV-head groups or the shared expert too) is an ordinary
+    checkpoint of its architecture: vLLM, with plugins disabled, serves it (head_dim from the config) and its
+    greedy tokens equal transformers'. (PhiMoE is left out: vLLM 0.32's CPU build runs it through its
+    transformers backend, which fails on any PhiMoE checkpoint here, slimmed or not.)"""
+    teacher = BUILDERS[kind](tmp_path / "teacher")
+    SlimMoE().run(teacher, tmp_path / "slim", SlimMoEParams(stages=(0.5,), **options, **FAST), TransformersHost())
     config = json.loads((tmp_path / "slim" / "config.json").read_text())
-    assert (config["num_key_value_heads"], config["num_attention_heads"], config["head_dim"]) == (1, 1, 32)
+    if "attention" in options:
+        assert (config["num_key_value_heads"], config["num_attention_heads"], config["head_dim"]) == (1, 1, 32)
     code = f"""
 from vllm import SamplingParams
 from llmgraft.testing.engine import cpu_engine
