@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -35,7 +34,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmgraft.integrations.peft import merge_adapters
-    from llmgraft.report import format_table, markdown_table
+    from llmgraft.report import report_results
 
     from llmgraft.hooks import get_registry
 
@@ -88,13 +87,7 @@ def main() -> None:
                "PEFT svd ms", "PEFT/ours", "our reported error", "delta gap to PEFT's svd"]
     title = (f"LoRA adapter merges (r={args.rank}, 7 projections x 4 layers, hidden {args.hidden}), median of "
              f"{args.repeats}; ratios > 1: llmgraft is faster")
-    print()
-    print(format_table(headers, rows, title=title))
-    if args.out:
-        out = Path(args.out).with_suffix(".md")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(f"# {title}\n\n{markdown_table(headers, rows)}\n")
-        print(f"written: {out}")
+    report_results(args.out, title, headers, rows)
 
 
 if __name__ == "__main__":

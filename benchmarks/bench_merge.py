@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--out", help="write <out>.md")
     args = parser.parse_args()
 
-    from llmgraft.report import format_table, markdown_table
+    from llmgraft.report import report_results
 
     work = Path(args.work or tempfile.mkdtemp(prefix="llmgraft-bench-merge-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -148,15 +148,8 @@ def main() -> None:
             print(f"{method} N={n}: {seconds:.1f} s, {memory:.0f} MB", flush=True)
     title = (f"Merging {one:.0f} MB bf16 checkpoints, peak RSS above python + torch ({floor:.0f} MB), each merge in "
              "a fresh process")
-    print()
-    print(format_table(headers, rows, title=title))
     verdict = "all targets met" if not failures else "targets missed:\n  " + "\n  ".join(failures)
-    print(f"\n{verdict}")
-    if args.out:
-        out = Path(args.out).with_suffix(".md")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(f"# {title}\n\n{markdown_table(headers, rows)}\n\n{verdict}\n")
-        print(f"written: {out}")
+    report_results(args.out, title, headers, rows, notes=verdict)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def lora_equivalent_rank(loss: float, lora: dict[int, float]) -> float | None:
 
 
 def report(results: list[dict], args) -> None:
-    from llmgraft.report import format_table, frontier_plot, markdown_table
+    from llmgraft.report import frontier_plot, report_results
 
     groups: dict[tuple, list[dict]] = {}
     for result in results:
@@ -111,16 +111,11 @@ def report(results: list[dict], args) -> None:
                "LoRA-equivalent rank (params saved)", "ms/step", "time vs LoRA of equal params", "peak RSS MB"]
     title = (f"MoS vs LoRA on the code LM: {args.steps} steps on `{args.package}`, loss mean of {seeds} seed(s), "
              "all seven projections")
-    print()
-    print(format_table(headers, rows, title=title))
-    if args.out:
-        out = Path(args.out).with_suffix(".md")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(f"# {title}\n\n{markdown_table(headers, rows)}\n")
-        out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-        frontier_plot(out.with_suffix(".png"), {k: sorted(v) for k, v in curves.items() if v}, title,
-                      "trainable parameters (thousands)", f"{args.package} test loss (lower is better)")
-        print(f"written: {out}, {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    out = report_results(args.out, title, headers, rows, data=results)
+    if out is not None:
+        plot = frontier_plot(out.with_suffix(".png"), {k: sorted(v) for k, v in curves.items() if v}, title,
+                             "trainable parameters (thousands)", f"{args.package} test loss (lower is better)")
+        print(f"written: {plot}")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def main() -> None:
 
     from llmgraft.integrations.transformers.host import TransformersHost
     from llmgraft.plugins.slim_moe import SlimMoE, SlimMoEParams, moe_parameters
-    from llmgraft.report import format_table, markdown_table
+    from llmgraft.report import report_results
     from llmgraft.testing.code_lm import encode_corpus
     from llmgraft.testing.models import load_tokenizer
 
@@ -126,14 +126,7 @@ def main() -> None:
              f"{r['decode_tok_s']:,.0f}" if "decode_tok_s" in r else ""] for r in results]
     title = (f"SlimMoE on a 4-expert Mixtral teacher ({args.teacher_steps} training steps), "
              f"{args.tokens:,} distillation tokens per model")
-    print()
-    print(format_table(headers, rows, title=title))
-    if args.out:
-        out = Path(args.out).with_suffix(".md")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(f"# {title}\n\n{markdown_table(headers, rows)}\n")
-        out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-        print(f"written: {out} and {out.with_suffix('.json')}")
+    report_results(args.out, title, headers, rows, data=results)
 
 
 if __name__ == "__main__":

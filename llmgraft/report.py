@@ -43,6 +43,29 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def report_results(out: str | Path | None, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]],
+                   notes: str = "", data: Any = None) -> Path | None:
+    """Print a benchmark's table (and ``notes``); with ``out``, also write ``<out>.md`` (title, table, notes)
+    and, when given, ``data`` as ``<out>.json``. Returns the markdown path, beside which plots go."""
+    import json
+
+    print()
+    print(format_table(headers, rows, title=title))
+    if notes:
+        print(f"\n{notes}")
+    if out is None:
+        return None
+    path = Path(out).with_suffix(".md")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {title}\n\n{markdown_table(headers, rows)}\n" + (f"\n{notes}\n" if notes else ""))
+    written = [path]
+    if data is not None:
+        path.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        written.append(path.with_suffix(".json"))
+    print("written: " + ", ".join(map(str, written)))
+    return path
+
+
 def _pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display on a server)."""
     import matplotlib
