@@ -317,9 +317,14 @@ class SlimMoE(Optimizer):
             prune_checkpoint(current, pruned, arch, keep, stage_config, heads)
             steps = tokens // (params.batch_size * params.seq_len)
             train = windows[len(calib):] if len(windows) > len(calib) else windows
-            metrics = host.distil(pruned, src, train, loss, steps, params.lr, params.batch_size, stage_dir,
-                                  params.seed + i) if steps else _copy(pruned, stage_dir)
-            shutil.rmtree(pruned, ignore_errors=True)
+            if steps:
+                metrics = host.distil(pruned, src, train, loss, steps, params.lr, params.batch_size, stage_dir,
+                                      params.seed + i)
+                shutil.rmtree(pruned, ignore_errors=True)
+            else:  # no distillation: the pruned checkpoint is the stage's result
+                shutil.rmtree(stage_dir, ignore_errors=True)
+                pruned.rename(stage_dir)
+                metrics = {}
             report = {"stage": i, "size": size, "tokens": steps * params.batch_size * params.seq_len,
                       "steps": steps, **metrics}
             marker.write_text(json.dumps({"fingerprint": fingerprint, "report": report}))
@@ -340,13 +345,6 @@ class SlimMoE(Optimizer):
         shutil.rmtree(work, ignore_errors=True)
         return {"architecture": config["model_type"], "size_key": arch.size_key, "from": original,
                 "to": sizes[-1], "kv_heads": final.get("num_key_value_heads"), "stages": stages}
-
-
-def _copy(src: Path, dst: Path) -> dict:
-    with atomic_directory(dst) as tmp:
-        for path in src.iterdir():
-            shutil.copy2(path, tmp / path.name)
-    return {}
 
 
 @hookimpl
