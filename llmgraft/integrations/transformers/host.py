@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     report = host.distil(Path(args.student), Path(args.teacher), windows,
                          lambda s, t: kd_loss(s, t, args.top_k), args.steps, args.lr, args.batch_size,
                          Path(args.out), args.seed)
-    print(json.dumps(report))
+    sys.stdout.write(json.dumps(report) + "\n")  # one write: ranks share the launcher's stdout
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
