@@ -52,7 +52,9 @@ def _like(registry: Registry, family: str, name: str, **methods) -> object:
         bases, attributes["title"] = (FAMILIES["adapter"].base,), original.title
         attributes["group"] = lambda self, *a: original.group(*a)
         attributes["scaling"] = lambda self, *a: original.scaling(*a)
-    for op in ("apply", "merge", "select", "keep", "run", "init_state", "factors"):
+    if family == "attention":
+        attributes["mode"], attributes["queries"] = original.mode, original.queries
+    for op in ("apply", "merge", "score", "truncated_layers", "run", "init_state", "factors"):
         if hasattr(original, op):
             attributes[op] = (lambda f: lambda self, *a: f(*a))(methods.get(op, getattr(original, op)))
     return type("Broken", bases, attributes)()
@@ -81,6 +83,13 @@ def _unseeded_init(mos):
     return init_state
 
 
+def _every_other_of_padded_tensor(query, keys, valid, params):
+    # A "keep every other token" rule that counts from the padded tensor's start instead of each row's first
+    # valid token: a row padded by an odd amount then keeps the other half.
+    return (query[:, :, -1:] @ keys.repeat_interleave(query.shape[1] // keys.shape[1], 1).transpose(-1, -2)
+            ).mean(1)[:, 0] + 100.0 * (torch.arange(valid.shape[1]) % 2 == 0)
+
+
 def _write_pickle(optimizer):
     def run(src, dst, params, host):
         report = optimizer.run(src, dst, params, host)
@@ -96,8 +105,10 @@ BROKEN = [
     ("merger", "uniform", lambda r: {"merge": lambda name, base, ts, per, p: {"merged": ts[0].mul_(2)}},
      "inputs are not modified"),
     ("merger", "ties", lambda r: {"merge": _merge_chunk_blind(r.get("merger", "ties"))}, "row chunks"),
-    ("attention", "last_k", lambda r: {"select": lambda q, k, p: torch.tensor([3, 1])}, "sorted"),
-    ("kv_manager", "recent", lambda r: {"keep": lambda k, v, p: torch.tensor([11, 12])}, r"lie in \[0, 12\)"),
+    ("attention", "prompt_distill", lambda r: {"score": _every_other_of_padded_tensor}, "left-padded batch"),
+    ("attention", "last_k", lambda r: {"score": lambda q, k, v, p: torch.zeros(v.shape[0], v.shape[1] - 1)},
+     "shape"),
+    ("kv_manager", "truncate_kv", lambda r: {"truncated_layers": lambda s, n, p: (s + 1,)}, "lie in 0"),
     ("optimizer", "copy", lambda r: {"run": _write_pickle(r.get("optimizer", "copy"))}, "no pickled weights"),
     ("adapter", "plain_lora", lambda r: {"factors": lambda s, o, f, p: (o["A"], o["B"].T)}, "factors of"),
     ("adapter", "mos", lambda r: {"init_state": _unseeded_init(r.get("adapter", "mos"))}, "deterministic"),

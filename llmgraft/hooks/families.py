@@ -7,9 +7,9 @@ family's own attributes, and the family's operations. Method authors subclass th
 plugin registers the method, so a method missing any part is skipped at load time with an error naming
 it, never at request time. (Duck-typed objects that are not subclasses pass the same checks.)
 
-Tensors are torch tensors; no host framework (vLLM, PEFT, transformers) appears in any signature. The
-sampler family is shaped by real methods; the other five keep their first sketch until the capability
-that brings their real methods reshapes them (with their base class, checks and contract together).
+Tensors are torch tensors; no host framework (vLLM, PEFT, transformers) appears in any signature. Each
+family is shaped by the real methods it holds (see ../shared/DESIGN.md, "Families shaped by their real
+methods"), with its base class, checks and one contract test (``llmgraft.testing.contracts``) together.
 """
 
 from __future__ import annotations
@@ -141,18 +141,45 @@ class Merger(Method):
 
 
 class Attention(Method):
-    """Select which prompt tokens later layers keep (first sketch):
-    ``select(query[H, D], keys[H, T, D], params)`` → sorted, unique token indices in [0, T)."""
+    """Token retention: score the prompt tokens at one layer, so that later layers keep only the best.
 
-    def select(self, query: torch.Tensor, keys: torch.Tensor, params: Params) -> torch.Tensor:
+    ``score(query[B, H, Q, D], keys[B, Hkv, T, D], valid[B, T], params) -> scores[B, T]``: ``query`` holds
+    the RoPE'd queries of each row's last ``queries`` prompt tokens at the selection layer, ``keys`` that
+    layer's RoPE'd keys for the T tokens the layer sees (grouped-query heads: query head h reads key head
+    h // (H // Hkv)), ``valid`` marks the positions that hold tokens (False on left padding). Higher scores
+    are kept; scores at invalid positions are ignored. Methods only score: the shared machinery
+    (``llmgraft.kernels.retention``) keeps each row's top-k valid tokens plus its last one, in their original
+    order and with their original positions, and the host integration slices the model's state.
+    """
+
+    #: How the kept tokens go on: "continue" (the layers after the selection layer process only them:
+    #: PromptDistill) or "restart" (the model reruns from layer 0 on them as a new, shorter prompt: GemFilter).
+    mode: ClassVar[str] = "continue"
+    #: How many of the last prompt tokens' queries ``score`` reads.
+    queries: ClassVar[int] = 1
+
+    @staticmethod
+    def check_declaration(obj: Any) -> None:
+        mode, queries = getattr(obj, "mode", "continue"), getattr(obj, "queries", 1)
+        if mode not in ("continue", "restart"):
+            raise TypeError(f"attention {obj.name!r}: mode must be 'continue' or 'restart', got {mode!r}")
+        if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
+            raise TypeError(f"attention {obj.name!r}: queries must be a positive int, got {queries!r}")
+
+    def score(self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, params: Params) -> torch.Tensor:
         raise NotImplementedError
 
 
 class KVManager(Method):
-    """Decide which cached positions to keep (first sketch):
-    ``keep(keys[H, T, D], values[H, T, D], params)`` → sorted, unique position indices in [0, T)."""
+    """What happens to the cached prompt KV of the layers up to a retention stage once it has selected.
 
-    def keep(self, keys: torch.Tensor, values: torch.Tensor, params: Params) -> torch.Tensor:
+    ``truncated_layers(stage_layer, num_layers, params) -> tuple[int, ...]``: the layers, among
+    0..``stage_layer``, whose cached prompt keys and values are cut to the stage's kept tokens (the layers
+    after the stage only ever see the kept tokens). An empty tuple keeps their full prompt KV. Decode-time
+    eviction methods will add an operation of their own here.
+    """
+
+    def truncated_layers(self, stage_layer: int, num_layers: int, params: Params) -> tuple[int, ...]:
         raise NotImplementedError
 
 
@@ -306,8 +333,8 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sampler", "llmgraft_register_samplers", Sampler, ("apply",)),
     Family("merger", "llmgraft_register_mergers", Merger, ("merge",)),
-    Family("attention", "llmgraft_register_attention", Attention, ("select",)),
-    Family("kv_manager", "llmgraft_register_kv_managers", KVManager, ("keep",)),
+    Family("attention", "llmgraft_register_attention", Attention, ("score",)),
+    Family("kv_manager", "llmgraft_register_kv_managers", KVManager, ("truncated_layers",)),
     Family("optimizer", "llmgraft_register_optimizers", Optimizer, ("run",)),
     Family("adapter", "llmgraft_register_adapters", Adapter, ("init_state", "factors")),
 )}

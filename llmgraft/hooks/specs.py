@@ -28,12 +28,12 @@ def llmgraft_register_mergers(register):
 
 @hookspec
 def llmgraft_register_attention(register):
-    """Register attention-time methods, e.g. PromptDistill's token selection."""
+    """Register token-retention methods that score prompt tokens at a layer, e.g. PromptDistill, GemFilter."""
 
 
 @hookspec
 def llmgraft_register_kv_managers(register):
-    """Register KV-cache managers (what to keep, evict or compress)."""
+    """Register KV-cache managers: what happens to the cached KV of kept and dropped tokens."""
 
 
 @hookspec

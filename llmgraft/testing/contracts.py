@@ -211,24 +211,47 @@ def check_merger(merger: Any) -> None:
     _require(low.dtype == torch.bfloat16, merger, "bfloat16 inputs merge to bfloat16")
 
 
-def _check_indices(method: Any, indices: Any, length: int) -> None:
-    _require(isinstance(indices, torch.Tensor) and indices.dim() == 1 and not indices.is_floating_point(), method,
-             "returns a 1-D integer tensor of indices")
-    _require(indices.numel() >= 1 and bool((indices[1:] > indices[:-1]).all()), method,
-             "indices are sorted, unique and not empty")
-    _require(int(indices.min()) >= 0 and int(indices.max()) < length, method, f"indices lie in [0, {length})")
-
-
 def check_attention(method: Any) -> None:
+    """Scores are [B, T] floats, finite on valid positions, inputs untouched, grouped-query heads and bf16
+    accepted, and each row's selection is the same alone as in a left-padded batch."""
+    from ..kernels.retention import keep_counts, select_tokens
+
     gen = torch.Generator().manual_seed(0)
-    query, keys = torch.randn(2, 8, generator=gen), torch.randn(2, 12, 8, generator=gen)
-    _check_indices(method, method.select(query, keys, default_params(method)), 12)
+    params = default_params(method)
+    queries = getattr(method, "queries", 1)
+    lengths, width, heads, kv_heads, dim = (12, 7), 12, 4, 2, 8
+    keys = torch.randn(2, kv_heads, width, dim, generator=gen)
+    query = torch.randn(2, heads, queries, dim, generator=gen)
+    valid = torch.arange(width)[None] >= torch.tensor([width - n for n in lengths])[:, None]
+    before = (query.clone(), keys.clone(), valid.clone())
+    scores = method.score(query, keys, valid, params)
+    _require(isinstance(scores, torch.Tensor) and scores.shape == valid.shape and scores.is_floating_point(),
+             method, f"score returns float scores of shape [B, T] = {tuple(valid.shape)}")
+    _require(bool(torch.isfinite(scores[valid]).all()), method, "scores are finite on valid positions")
+    _require(all(torch.equal(a, b) for a, b in zip(before, (query, keys, valid))), method,
+             "score does not modify its inputs")
+    picked, _ = select_tokens(scores, valid, keep_counts(valid, 3))
+    for row, n in enumerate(lengths):
+        alone_scores = method.score(query[row:row + 1], keys[row:row + 1, :, width - n:], valid[row:row + 1, width - n:],
+                                    params)
+        alone, _ = select_tokens(alone_scores, valid[row:row + 1, width - n:], keep_counts(valid[row:row + 1, width - n:], 3))
+        got = picked[row][valid[row, picked[row]]] - (width - n)
+        _require(torch.equal(got, alone[0]), method, "a row selects the same tokens alone as in a left-padded batch "
+                 "(scores of valid positions must not depend on padding)")
+    low = method.score(query.bfloat16(), keys.bfloat16(), valid, params)
+    _require(low.shape == valid.shape and bool(torch.isfinite(low[valid].float()).all()), method,
+             "bfloat16 queries and keys score too")
 
 
 def check_kv_manager(method: Any) -> None:
-    gen = torch.Generator().manual_seed(0)
-    keys, values = torch.randn(2, 12, 8, generator=gen), torch.randn(2, 12, 8, generator=gen)
-    _check_indices(method, method.keep(keys, values, default_params(method)), 12)
+    """``truncated_layers`` gives sorted, unique layers among 0..stage_layer."""
+    params = default_params(method)
+    for stage, total in ((0, 4), (3, 12), (11, 12)):
+        layers = tuple(method.truncated_layers(stage, total, params))
+        _require(all(isinstance(i, int) and not isinstance(i, bool) for i in layers), method,
+                 "truncated_layers returns ints")
+        _require(list(layers) == sorted(set(layers)) and all(0 <= i <= stage for i in layers), method,
+                 f"truncated layers are sorted, unique and lie in 0..{stage} (the stage layer)")
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -1,6 +1,5 @@
-"""One minimal method per family whose real methods have not landed (attention, kv_manager, optimizer) plus
-a third-party merger and a third-party adapter type, registered by a third-party plugin: fixtures for the
-contract test, not methods anyone should use."""
+"""One minimal third-party method per family (attention, kv_manager, optimizer, merger, adapter), registered
+by a third-party plugin: fixtures for the contract test, not methods anyone should use."""
 import json
 import shutil
 from dataclasses import dataclass
@@ -19,7 +18,13 @@ class NoParams(Params):
 @dataclass(frozen=True)
 class Window(Params):
     owner = "window"
-    k: int = param(4, range="[1, inf)", help="how many of the most recent tokens to keep")
+    k: int = param(1, range="[1, inf)", help="how many layers")
+
+
+@dataclass(frozen=True)
+class Stride(Params):
+    owner = "strided"
+    n: int = param(3, range="[1, inf)", help="the stride")
 
 
 class MedianMerger(Merger):
@@ -29,20 +34,20 @@ class MedianMerger(Merger):
         return {"merged": torch.stack(inputs).median(0).values}
 
 
-class LastK(Attention):
-    name, description, params_cls = "last_k", "keep the last k prompt tokens", Window
+class Strided(Attention):
+    name, description, params_cls = "strided", "prefer every n-th prompt token counted from the end, recent first", Stride
 
-    def select(self, query, keys, params):
-        length = keys.shape[1]
-        return torch.arange(max(0, length - params.k), length)
+    def score(self, query, keys, valid, params):
+        distance = torch.arange(valid.shape[1] - 1, -1, -1, device=valid.device)
+        # Ties broken toward recent tokens, so a row's choice does not depend on its padding.
+        return ((distance % params.n == 0).float() - 1e-3 * distance).expand(valid.shape)
 
 
-class Recent(KVManager):
-    name, description, params_cls = "recent", "keep the k most recent cached positions", Window
+class FirstLayers(KVManager):
+    name, description, params_cls = "first_layers", "cut the prompt KV of the first n layers", Window
 
-    def keep(self, keys, values, params):
-        length = keys.shape[1]
-        return torch.arange(max(0, length - params.k), length)
+    def truncated_layers(self, stage_layer, num_layers, params):
+        return tuple(range(min(params.k, stage_layer + 1)))
 
 
 class Copy(Optimizer):
@@ -91,12 +96,12 @@ def llmgraft_register_mergers(register):
 
 @hookimpl
 def llmgraft_register_attention(register):
-    register(LastK())
+    register(Strided())
 
 
 @hookimpl
 def llmgraft_register_kv_managers(register):
-    register(Recent())
+    register(FirstLayers())
 
 
 @hookimpl

@@ -1,0 +1,420 @@
+"""Token retention (PromptDistill, GemFilter, last-k, any registered ``attention`` method) in stock
+transformers decoders, with no forked modeling code::
+
+    with llmgraft.prompt_distill(model, stages=[(1, 0.25)]):
+        model.generate(**inputs)
+
+How it is wired, through hook points transformers provides:
+
+* an ``AttentionInterface`` function (``llmgraft_<sdpa|eager>``) wraps the model's own attention and, at a
+  selection layer during the prefill, hands the layer's RoPE'd queries and keys to the method's ``score``;
+  its ``AttentionMaskInterface`` twin builds the model's usual mask (without it the mask is silently None),
+  sized to the whole token history even when the cache of layer 0 holds fewer tokens;
+* a forward hook on the selection layer slices its output hidden states to the kept tokens
+  (mode "continue"), and forward pre-hooks (``with_kwargs=True``) on the later layers slice the rotary
+  cos/sin, the position ids and the mask to them, so the kept tokens keep their original positions;
+* a pre-hook on the base model starts a prompt's state at each prefill and, for mode "restart"
+  (GemFilter), runs the layers up to the selection layer once, then feeds the kept tokens as the prompt,
+  renumbering positions from 0 and shifting the decode positions to match.
+
+Decoding continues at the original positions (prompt length + step) in mode "continue". Later layers'
+caches hold only the kept tokens; a ``kv_manager`` may cut earlier layers' caches too.
+Supported: Llama, Mistral and Qwen2-family decoders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...hooks import ParamError, get_registry
+from ...kernels.retention import gather_tokens, keep_counts, select_tokens
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_BASES = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Select at ``layer`` (0-based): keep ``keep`` tokens (an int count) or that fraction of each row's
+    prompt (a float ratio in (0, 1]), besides the last prompt token, which is always kept."""
+
+    layer: int
+    keep: int | float
+
+
+def parse_stages(stages: Any, num_layers: int) -> tuple[Stage, ...]:
+    """Validated stages from ``[(layer, k or ratio), ...]`` (or ``[{"layer":, "keep":}]``): layers in
+    [0, num_layers), strictly increasing; counts >= 1, ratios in (0, 1]."""
+    if isinstance(stages, (str, bytes)) or not hasattr(stages, "__iter__"):
+        raise ParamError(f"stages must be a list of (layer, k or keep ratio) pairs, got {stages!r}")
+    out: list[Stage] = []
+    for item in stages:
+        if isinstance(item, dict):
+            unknown = set(item) - {"layer", "keep"}
+            if unknown or "layer" not in item or "keep" not in item:
+                raise ParamError(f"a stage has the keys 'layer' and 'keep', got {sorted(item)}")
+            item = (item["layer"], item["keep"])
+        if isinstance(item, (str, bytes)) or len(tuple(item)) != 2:
+            raise ParamError(f"a stage is a (layer, k or keep ratio) pair, got {item!r}")
+        layer, keep = tuple(item)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+            raise ParamError(f"stage layer {layer!r} is out of range: the model has layers 0..{num_layers - 1}")
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+            raise ParamError(f"stage keep must be an int count or a float ratio, got {keep!r}")
+        if isinstance(keep, int) and keep < 1:
+            raise ParamError(f"stage keep count must be >= 1, got {keep}")
+        if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+            raise ParamError(f"stage keep ratio must be in (0, 1], got {keep}")
+        if out and layer <= out[-1].layer:
+            raise ParamError(f"stage layers must increase, got {out[-1].layer} then {layer}")
+        out.append(Stage(layer, keep))
+    if not out:
+        raise ParamError("stages is empty: give at least one (layer, k or keep ratio)")
+    return tuple(out)
+
+
+class _Stop(Exception):
+    """Ends the probe pass of a "restart" method once its selection layer has scored."""
+
+
+@dataclass
+class _Prompt:
+    """State of one prompt's retention, from its prefill to the end of its decoding."""
+
+    length: int                            # T: the prompt's padded length
+    valid: torch.Tensor                    # [B, T] False on padding
+    seen: int = 0                          # tokens of the history so far (prompt and generated)
+    prefill: bool = True
+    rows: torch.Tensor | None = None       # [B, K] original indices of the current hidden rows (None: all)
+    cols: dict[int, torch.Tensor | None] = field(default_factory=dict)  # per layer: prompt tokens it caches
+    kept: list[torch.Tensor] = field(default_factory=list)              # per stage: [B, K] kept indices
+    pending: torch.Tensor | None = None    # local indices chosen by the current selection layer
+    sliced: dict[tuple, Any] = field(default_factory=dict)              # memo of sliced layer inputs
+    shift: torch.Tensor | None = None      # restart: [B] positions removed from each row
+    kept_valid: torch.Tensor | None = None  # restart: [B, K]
+
+
+class TokenRetention(contextlib.AbstractContextManager):
+    """Wire a registered token-retention method into a transformers decoder for the ``with`` block.
+
+    ``stages``: ``[(layer, k or ratio), ...]``; ``method``: a registered ``attention`` method (its
+    parameters as ``params``); ``kv_manager``: a registered ``kv_manager`` (default "keep_kv": earlier
+    layers keep their full prompt KV) with ``kv_params``. After a prefill, :attr:`kept` holds each stage's
+    kept token indices [B, K] (positions in the padded prompt) and :meth:`cached_tokens` each layer's
+    cached prompt-token count.
+    """
+
+    def __init__(self, model, stages: Any, method: str = "prompt_distill", kv_manager: str = "keep_kv",
+                 params: dict[str, Any] | None = None, kv_params: dict[str, Any] | None = None) -> None:
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ParamError(f"token retention supports {', '.join(SUPPORTED_MODEL_TYPES)} decoders; "
+                             f"this model is {model_type!r}")
+        self.model = model
+        self.base_model = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.layers = list(self.base_model.layers)
+        registry = get_registry()
+        self.method = registry.get("attention", method)
+        self.params = self.method.params_cls.from_mapping(params or {})
+        self.kv_manager = registry.get("kv_manager", kv_manager)
+        self.kv_params = self.kv_manager.params_cls.from_mapping(kv_params or {})
+        self.stages = parse_stages(stages, len(self.layers))
+        self.restart = getattr(self.method, "mode", "continue") == "restart"
+        if self.restart and len(self.stages) != 1:
+            raise ParamError(f"{method!r} restarts from layer 0 on its kept tokens, so it takes one stage, "
+                             f"got {len(self.stages)}")
+        self.truncate = {}
+        for stage in self.stages:
+            layers = tuple(self.kv_manager.truncated_layers(stage.layer, len(self.layers), self.kv_params))
+            if any(not 0 <= i <= stage.layer for i in layers):
+                raise ParamError(f"kv_manager {kv_manager!r} truncates layers {layers}, not all in 0..{stage.layer}")
+            self.truncate[stage.layer] = layers
+        self._stage_at = {s.layer: s for s in self.stages}
+        self._prompt: _Prompt | None = None
+        self._handles: list[Any] = []
+        self._saved_impl: str | None = None
+        self._probing = False
+
+    # ----------------------------------------------------------------------------------------- wiring
+    def __enter__(self) -> TokenRetention:
+        impl = self.model.config._attn_implementation
+        if impl not in _BASES:
+            raise ParamError(f"token retention runs on the 'sdpa' or 'eager' attention implementations, "
+                             f"this model uses {impl!r}")
+        if any(getattr(layer.self_attn, "_llmgraft_retention", None) for layer in self.layers):
+            raise ParamError("this model is already inside a token-retention block")
+        _register_interfaces()
+        self._saved_impl = impl
+        _set_attn_implementation(self.model, f"llmgraft_{impl}")
+        self._handles.append(self.base_model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        for index, layer in enumerate(self.layers):
+            layer.self_attn._llmgraft_retention = self
+            self._handles.append(layer.register_forward_pre_hook(
+                _bind(self._before_layer, index), with_kwargs=True))
+            if index in self._stage_at:
+                self._handles.append(layer.register_forward_hook(
+                    _bind(self._after_stage, index), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for layer in self.layers:
+            layer.self_attn.__dict__.pop("_llmgraft_retention", None)
+        if self._saved_impl is not None:
+            _set_attn_implementation(self.model, self._saved_impl)
+            self._saved_impl = None
+
+    # ------------------------------------------------------------------------------------- reporting
+    @property
+    def kept(self) -> list[torch.Tensor]:
+        """Per stage, the last prefill's kept token indices [B, K] (positions in the padded prompt)."""
+        return list(self._prompt.kept) if self._prompt else []
+
+    def cached_tokens(self, cache) -> list[int]:
+        """Per layer, the number of token positions its cache holds (``past_key_values`` of a call)."""
+        return [int(layer.keys.shape[-2]) if getattr(layer, "keys", None) is not None else 0
+                for layer in cache.layers]
+
+    # --------------------------------------------------------------------------------------- the hooks
+    def _before_model(self, module, args, kwargs):
+        if self._probing:
+            return None
+        ids, embeds = kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
+        tokens = ids if ids is not None else embeds
+        if tokens is None:
+            return None
+        cache = kwargs.get("past_key_values")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ParamError("token retention needs a 2-D attention mask (or none), not a prepared 4-D mask")
+        if cache is None or cache.get_seq_length() == 0:
+            length = tokens.shape[1]
+            valid = (mask[:, -length:] if mask is not None else torch.ones(tokens.shape[:2], dtype=torch.long,
+                                                                            device=tokens.device)).bool()
+            if not bool(valid[:, -1].all()):
+                raise ParamError("token retention needs left padding (tokenizer.padding_side = 'left'): a row's "
+                                 "last prompt position is padding")
+            self._prompt = _Prompt(length, valid, seen=length)
+            if self.restart:
+                return args, self._restart_prefill(args, kwargs, valid)
+            if mask is None and any(self.truncate.values()):
+                kwargs = {**kwargs, "attention_mask": valid.long()}
+                return args, kwargs
+            return None
+        prompt = self._prompt
+        if prompt is None:
+            return None
+        prompt.prefill, prompt.sliced = False, {}
+        prompt.seen += tokens.shape[1]
+        if self.restart and prompt.shift is not None:
+            return args, self._restart_decode(kwargs, tokens.shape[1])
+        if mask is None and any(self.truncate.values()):
+            return args, {**kwargs, "attention_mask": torch.ones(tokens.shape[0], prompt.seen, dtype=torch.long,
+                                                                 device=tokens.device)}
+        return None
+
+    def _before_layer(self, index: int, module, args, kwargs):
+        prompt = self._prompt
+        if prompt is None or self._probing and prompt.rows is None:
+            return None
+        if prompt.prefill:
+            prompt.cols[index] = prompt.rows
+            if prompt.rows is None:
+                return None
+            changed = {}
+            for name in ("position_embeddings", "position_ids", "attention_mask"):
+                value = kwargs.get(name)
+                if value is not None:
+                    changed[name] = self._memo(prompt, name, value, lambda v, n=name: self._slice_prefill(n, v))
+            return args, {**kwargs, **changed}
+        cols = prompt.cols.get(index)
+        mask = kwargs.get("attention_mask")
+        if cols is None or mask is None or not isinstance(mask, torch.Tensor):
+            return None
+        sliced = self._memo(prompt, ("cols", id(cols)), mask, lambda m: self._slice_columns(prompt, cols, m))
+        return args, {**kwargs, "attention_mask": sliced}
+
+    def _after_stage(self, index: int, module, args, kwargs, output):
+        prompt = self._prompt
+        if prompt is None or not prompt.prefill or prompt.pending is None:
+            return None
+        local, prompt.pending = prompt.pending, None
+        rows = local if prompt.rows is None else prompt.rows.gather(1, local)
+        prompt.rows, prompt.sliced = rows, {}
+        prompt.kept.append(rows)
+        if self._probing:
+            raise _Stop
+        cache = kwargs.get("past_key_values")
+        if cache is not None:
+            for layer in self.truncate[index]:
+                self._truncate_cache(cache, layer, prompt, rows)
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = gather_tokens(hidden, local)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def observe(self, module, query: torch.Tensor, keys: torch.Tensor) -> None:
+        """Called by the attention wrapper: score and select at a selection layer during the prefill."""
+        prompt, index = self._prompt, module.layer_idx
+        if prompt is None or not prompt.prefill or index not in self._stage_at or \
+                self.restart and not self._probing:
+            return
+        valid = prompt.valid if prompt.rows is None else prompt.valid.gather(1, prompt.rows)
+        stage = self._stage_at[index]
+        if isinstance(stage.keep, int) and stage.keep >= int(valid.sum(1).max()) - 1:
+            warnings.warn(f"token retention: stage at layer {index} keeps {stage.keep} tokens, the whole prompt "
+                          f"({int(valid.sum(1).max())} tokens); it selects nothing", stacklevel=2)
+            return
+        count = min(getattr(self.method, "queries", 1), query.shape[2])
+        scores = self.method.score(query[:, :, -count:], keys, valid, self.params)
+        if scores.shape != valid.shape:
+            raise RuntimeError(f"attention {self.method.name!r} returned scores of shape {tuple(scores.shape)}, "
+                               f"expected {tuple(valid.shape)}")
+        prompt.pending, _ = select_tokens(scores, valid, keep_counts(valid, stage.keep))
+
+    # ------------------------------------------------------------------------------------ the slicing
+    @staticmethod
+    def _memo(prompt: _Prompt, key, value, make):
+        key = (key, id(value) if not isinstance(value, tuple) else tuple(id(v) for v in value))
+        if key not in prompt.sliced:
+            prompt.sliced[key] = (value, make(value))  # keep value alive so its id is not reused
+        return prompt.sliced[key][1]
+
+    def _slice_prefill(self, name: str, value):
+        rows = self._prompt.rows
+        if name == "position_embeddings":
+            return tuple(gather_tokens(v, rows) for v in value)
+        if name == "position_ids":
+            return gather_tokens(value, rows)
+        if not isinstance(value, torch.Tensor):  # a BlockMask or the like
+            raise ParamError("token retention supports tensor attention masks (sdpa, eager)")
+        return gather_tokens(gather_tokens(value, rows, dim=2), rows, dim=3)
+
+    @staticmethod
+    def _slice_columns(prompt: _Prompt, cols: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        later = torch.arange(prompt.length, mask.shape[-1], device=cols.device)
+        full = torch.cat([cols, later.expand(cols.shape[0], -1)], 1)
+        return gather_tokens(mask, full, dim=3)
+
+    def _truncate_cache(self, cache, index: int, prompt: _Prompt, rows: torch.Tensor) -> None:
+        layer = cache.layers[index]
+        held = prompt.cols.get(index)
+        local = rows if held is None else torch.searchsorted(held, rows)
+        layer.keys = gather_tokens(layer.keys, local, dim=2)
+        layer.values = gather_tokens(layer.values, local, dim=2)
+        prompt.cols[index] = rows
+
+    # ------------------------------------------------------------------------------ mode "restart"
+    def _restart_prefill(self, args, kwargs, valid):
+        prompt = self._prompt
+        probe = {k: v for k, v in kwargs.items() if k in ("input_ids", "inputs_embeds", "attention_mask",
+                                                          "position_ids")}
+        if args:
+            probe["input_ids"] = args[0]
+        self._probing = True
+        try:
+            self.base_model(**probe, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            self._probing = False
+        if not prompt.kept:
+            return kwargs  # the stage selected nothing (k covers the prompt)
+        rows = prompt.rows
+        kept_valid = valid.gather(1, rows)
+        prompt.kept_valid, prompt.shift = kept_valid, valid.sum(1) - kept_valid.sum(1)
+        prompt.rows = None
+        out = dict(kwargs)
+        if args:
+            out["input_ids"] = gather_tokens(args[0], rows)
+        for name in ("input_ids", "inputs_embeds"):
+            if kwargs.get(name) is not None:
+                out[name] = gather_tokens(kwargs[name], rows)
+        out["attention_mask"] = kept_valid.long()
+        positions = kept_valid.long().cumsum(1) - 1
+        out["position_ids"] = positions.masked_fill(~kept_valid, 0)
+        return out
+
+    def _restart_decode(self, kwargs, new: int):
+        prompt = self._prompt
+        out = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            out["attention_mask"] = torch.cat([prompt.kept_valid.long(), mask[:, prompt.length:]], 1)
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            out["position_ids"] = positions - prompt.shift[:, None]
+        return out
+
+
+def _bind(hook, index: int):
+    def bound(*args, **kwargs):
+        return hook(index, *args, **kwargs)
+    return bound
+
+
+def _set_attn_implementation(model, name: str) -> None:
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = name
+
+
+_REGISTERED = False
+
+
+def _register_interfaces() -> None:
+    """Register ``llmgraft_sdpa`` / ``llmgraft_eager`` attention and mask functions (once per process)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for base in _BASES:
+        AttentionInterface.register(f"llmgraft_{base}", _attention(base, ALL_ATTENTION_FUNCTIONS))
+        AttentionMaskInterface.register(f"llmgraft_{base}", _mask(ALL_MASK_ATTENTION_FUNCTIONS[base]))
+    _REGISTERED = True
+
+
+def _attention(base: str, functions):
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        retention = getattr(module, "_llmgraft_retention", None)
+        if retention is not None:
+            retention.observe(module, query, key)
+        if base == "eager":  # each modeling file defines its own eager attention
+            function = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            function = functions[base]
+        return function(module, query, key, value, attention_mask, **kwargs)
+    return attend
+
+
+def _mask(original):
+    def make(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+        # A cache whose layer 0 holds fewer tokens than the history (a kv_manager cut it) sizes the mask by
+        # that layer; the 2-D padding mask knows the true length, and each layer's pre-hook slices its columns.
+        if attention_mask is not None and attention_mask.dim() == 2 and \
+                attention_mask.shape[-1] > kv_length + kv_offset:
+            kv_length, kv_offset = attention_mask.shape[-1], 0
+            q_offset = kv_length - q_length
+        return original(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                        kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+    return make
+
+
+def prompt_distill(model, stages: Any, method: str = "prompt_distill", kv_manager: str = "keep_kv",
+                   kv_params: dict[str, Any] | None = None, **params) -> TokenRetention:
+    """``with prompt_distill(model, stages=[(layer, k or ratio)]): model.generate(...)``: PromptDistill (or
+    any registered ``attention`` method, with its parameters as keywords) for the block."""
+    return TokenRetention(model, stages, method=method, kv_manager=kv_manager, params=params,
+                          kv_params=kv_params)
