@@ -53,7 +53,8 @@ def _like(registry: Registry, family: str, name: str, **methods) -> object:
         attributes["group"] = lambda self, *a: original.group(*a)
         attributes["scaling"] = lambda self, *a: original.scaling(*a)
     if family == "attention":
-        attributes["mode"], attributes["queries"] = original.mode, original.queries
+        for attribute in ("mode", "queries", "keeps_last"):
+            attributes[attribute] = getattr(original, attribute)
     for op in ("apply", "merge", "score", "truncated_layers", "run", "init_state", "factors"):
         if hasattr(original, op):
             attributes[op] = (lambda f: lambda self, *a: f(*a))(methods.get(op, getattr(original, op)))
@@ -108,7 +109,7 @@ BROKEN = [
     ("attention", "prompt_distill", lambda r: {"score": _every_other_of_padded_tensor}, "left-padded batch"),
     ("attention", "last_k", lambda r: {"score": lambda q, k, v, p: torch.zeros(v.shape[0], v.shape[1] - 1)},
      "shape"),
-    ("kv_manager", "truncate_kv", lambda r: {"truncated_layers": lambda s, n, p: (s + 1,)}, "lie in 0"),
+    ("kv_manager", "truncate_kv", lambda r: {"truncated_layers": lambda ls, s, n, p: (ls[s] + 1,)}, "lie in 0"),
     ("optimizer", "copy", lambda r: {"run": _write_pickle(r.get("optimizer", "copy"))}, "no pickled weights"),
     ("adapter", "plain_lora", lambda r: {"factors": lambda s, o, f, p: (o["A"], o["B"].T)}, "factors of"),
     ("adapter", "mos", lambda r: {"init_state": _unseeded_init(r.get("adapter", "mos"))}, "deterministic"),

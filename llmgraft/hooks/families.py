@@ -147,9 +147,10 @@ class Attention(Method):
     the RoPE'd queries of each row's last ``queries`` prompt tokens at the selection layer, ``keys`` that
     layer's RoPE'd keys for the T tokens the layer sees (grouped-query heads: query head h reads key head
     h // (H // Hkv)), ``valid`` marks the positions that hold tokens (False on left padding). Higher scores
-    are kept; scores at invalid positions are ignored. Methods only score: the shared machinery
-    (``llmgraft.kernels.retention``) keeps each row's top-k valid tokens plus its last one, in their original
-    order and with their original positions, and the host integration slices the model's state.
+    are kept; scores at invalid positions are ignored, and a valid position's score must not depend on how
+    much padding its row has. Methods only score: the shared machinery (``llmgraft.kernels.retention``)
+    keeps each row's top-k valid tokens (plus its last one when ``keeps_last``) in their original order, and
+    the host integration slices the model's state.
     """
 
     #: How the kept tokens go on: "continue" (the layers after the selection layer process only them:
@@ -157,6 +158,9 @@ class Attention(Method):
     mode: ClassVar[str] = "continue"
     #: How many of the last prompt tokens' queries ``score`` reads.
     queries: ClassVar[int] = 1
+    #: True: the last prompt token is always kept and k counts the others (PromptDistill); False: k counts
+    #: every kept token and the last competes like the rest (GemFilter).
+    keeps_last: ClassVar[bool] = True
 
     @staticmethod
     def check_declaration(obj: Any) -> None:
@@ -173,13 +177,14 @@ class Attention(Method):
 class KVManager(Method):
     """What happens to the cached prompt KV of the layers up to a retention stage once it has selected.
 
-    ``truncated_layers(stage_layer, num_layers, params) -> tuple[int, ...]``: the layers, among
-    0..``stage_layer``, whose cached prompt keys and values are cut to the stage's kept tokens (the layers
-    after the stage only ever see the kept tokens). An empty tuple keeps their full prompt KV. Decode-time
-    eviction methods will add an operation of their own here.
+    ``truncated_layers(stage_layers, stage, num_layers, params) -> tuple[int, ...]``: given every stage's
+    selection layer, the layers among 0..``stage_layers[stage]`` whose cached prompt keys and values are cut
+    to stage ``stage``'s kept tokens after the prefill (layers after a stage only ever see its kept tokens).
+    An empty tuple keeps their prompt KV whole. Decode-time eviction methods will add an operation here.
     """
 
-    def truncated_layers(self, stage_layer: int, num_layers: int, params: Params) -> tuple[int, ...]:
+    def truncated_layers(self, stage_layers: tuple[int, ...], stage: int, num_layers: int,
+                         params: Params) -> tuple[int, ...]:
         raise NotImplementedError
 
 

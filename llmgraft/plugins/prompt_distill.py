@@ -1,14 +1,24 @@
 """Token retention: PromptDistill, GemFilter and a last-k window (``attention``), and what happens to the
-earlier layers' cached KV (``kv_manager``: keep it, or cut it to the kept tokens).
+earlier layers' cached KV (``kv_manager``: keep it whole, or cut it to the kept tokens).
 
-* **PromptDistill** (official ``models/llama.py``): at the selection layer, the RoPE'd query of the last
-  prompt token against every key, divided by sqrt(d) and averaged over the query heads before the softmax,
-  then average-pooled (kernel 5, padding 2); the top-k tokens plus the last one go on through the later
-  layers, in their original order and with their original positions (mode "continue").
-* **GemFilter** (official ``my_baseline/GemFilter``): the same last-token attention at its filter layer,
-  softmaxed per head and summed over heads; the kept tokens become a new prompt that the model reruns from
-  layer 0, positions renumbered from 0 (mode "restart").
-* **last_k**: the k most recent prompt tokens, a baseline that reads no attention.
+Both scoring rules follow the official code (declare-lab/PromptDistill ``models/llama.py``;
+SalesforceAIResearch/GemFilter ``gem_filter_utils.py``), which differ in four details:
+
+=====================  ======================================  ======================================
+                       PromptDistill                           GemFilter
+=====================  ======================================  ======================================
+per-head score         q_last · k / sqrt(d)                    q_last · k (no scaling)
+over heads             mean                                    sum
+last token             score zeroed before pooling; always     pooled like the rest; competes in the
+                       kept, k counts the others               top-k, k counts every kept token
+then                   layers after L see only the kept        the model reruns from layer 0 on the kept
+                       tokens, at their original positions     tokens as a new prompt, positions 0..k-1
+=====================  ======================================  ======================================
+
+Neither applies a softmax; both average-pool the scores (kernel 5, padding 2, zeros counted). Padding
+positions score 0 before pooling, which is what a row alone sees beyond its first token, so batches with
+left padding select what each row would alone (the official harnesses run batch 1). We score in float32;
+the official runs score in bf16/fp16, so near-ties may break differently.
 
 Only the scores live here; selection, ordering and padding are ``llmgraft.kernels.retention``.
 """
@@ -19,61 +29,67 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hooks import Attention, KVManager, Params, hookimpl, param
-from ..kernels.retention import last_query_logits
+from ..hooks import Attention, KVManager, ParamError, Params, hookimpl, param
+from ..kernels.retention import last_query_logits, last_valid, pool_scores
 
 
 @dataclass(frozen=True)
 class PromptDistillParams(Params):
     owner = "prompt_distill"
-    pool: int = param(5, range="[1, inf)", help="average-pooling kernel over the scores (odd; the official 5)")
+    pool: int = param(5, range="[1, inf)", help="average-pooling kernel over the scores: odd, 1 turns pooling "
+                      "off (the official default 5)")
 
     def validate(self) -> None:
         if self.pool % 2 == 0:
-            from ..hooks import ParamError
-
-            raise ParamError(f"prompt_distill: pool must be odd (padding pool // 2 keeps the length), got {self.pool}")
+            raise ParamError(f"{self.owner}: pool must be odd (padding pool // 2 keeps the length), got {self.pool}")
 
 
 @dataclass(frozen=True)
-class NoParams(Params):
-    owner = "token retention"
+class GemFilterParams(PromptDistillParams):
+    owner = "gemfilter"
 
 
-def masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension with padding positions excluded (exp(-inf) = 0)."""
-    shape = [valid.shape[0]] + [1] * (logits.dim() - 2) + [valid.shape[1]]
-    return logits.masked_fill(~valid.view(shape), float("-inf")).softmax(-1)
+@dataclass(frozen=True)
+class LastKParams(Params):
+    owner = "last_k"
+
+
+@dataclass(frozen=True)
+class KeepKVParams(Params):
+    owner = "keep_kv"
 
 
 class PromptDistill(Attention):
     name = "prompt_distill"
-    description = "PromptDistill: last-token attention averaged over heads, pooled; later layers keep the top-k"
+    description = "PromptDistill: later layers keep the top-k prompt tokens by pooled last-token attention"
     params_cls = PromptDistillParams
     mode = "continue"
+    keeps_last = True
 
     def score(self, query, keys, valid, params):
-        logits = last_query_logits(query[:, :, -1:], keys)[:, :, 0]          # [B, H, T]
-        weights = masked_softmax(logits.mean(1), valid)                       # mean over heads, then softmax
-        pad = params.pool // 2
-        return torch.nn.functional.avg_pool1d(weights[:, None], params.pool, stride=1, padding=pad)[:, 0]
+        dots = last_query_logits(query[:, :, -1:], keys)[:, :, 0]            # [B, H, T]
+        scores = dots.mean(1) / keys.shape[-1] ** 0.5
+        rows = torch.arange(len(scores), device=scores.device)
+        scores[rows, last_valid(valid)] = 0.0                                 # the last token is zeroed
+        return pool_scores(scores, valid, params.pool)
 
 
 class GemFilter(Attention):
     name = "gemfilter"
-    description = "GemFilter: last-token attention summed over heads at a filter layer; rerun on the top-k"
-    params_cls = NoParams
+    description = "GemFilter: rerun the model on the top-k prompt tokens by pooled last-token attention"
+    params_cls = GemFilterParams
     mode = "restart"
+    keeps_last = False
 
     def score(self, query, keys, valid, params):
-        logits = last_query_logits(query[:, :, -1:], keys)[:, :, 0]          # [B, H, T]
-        return masked_softmax(logits, valid).sum(1)
+        dots = last_query_logits(query[:, :, -1:], keys)[:, :, 0]            # [B, H, T]
+        return pool_scores(dots.sum(1), valid, params.pool)
 
 
 class LastK(Attention):
     name = "last_k"
     description = "keep the k most recent prompt tokens (a window that reads no attention)"
-    params_cls = NoParams
+    params_cls = LastKParams
     mode = "continue"
 
     def score(self, query, keys, valid, params):
@@ -83,28 +99,30 @@ class LastK(Attention):
 @dataclass(frozen=True)
 class TruncateParams(Params):
     owner = "truncate_kv"
-    start: int = param(0, range="[0, inf)", help="first layer whose prompt KV is cut to the kept tokens")
-    end: int | None = param(None, range="[0, inf)", help="one past the last layer cut (the paper's "
-                            "cache_truncation_end); None: up to and including the selection layer")
+    stages: int | None = param(None, range="[1, inf)", help="how many of the first stages cut the KV of the "
+                               "layers up to them (the paper's cache_truncation_end); None: every stage")
 
 
 class KeepKV(KVManager):
     name = "keep_kv"
     description = "layers up to a selection keep their full prompt KV (PromptDistill's default)"
-    params_cls = NoParams
+    params_cls = KeepKVParams
 
-    def truncated_layers(self, stage_layer, num_layers, params):
+    def truncated_layers(self, stage_layers, stage, num_layers, params):
         return ()
 
 
 class TruncateKV(KVManager):
     name = "truncate_kv"
-    description = "cut the prompt KV of layers start..end-1 (up to the selection) to the kept tokens"
+    description = "cut each stage's earlier layers' prompt KV to its kept tokens (PromptDistill's cache truncation)"
     params_cls = TruncateParams
 
-    def truncated_layers(self, stage_layer, num_layers, params):
-        end = stage_layer + 1 if params.end is None else min(params.end, stage_layer + 1)
-        return tuple(range(min(params.start, end), end))
+    def truncated_layers(self, stage_layers, stage, num_layers, params):
+        # As the official code: stage i cuts the layers after the previous stage's layer, up to its own.
+        if params.stages is not None and stage >= params.stages:
+            return ()
+        first = stage_layers[stage - 1] + 1 if stage else 0
+        return tuple(range(first, stage_layers[stage] + 1))
 
 
 @hookimpl

@@ -230,11 +230,13 @@ def check_attention(method: Any) -> None:
     _require(bool(torch.isfinite(scores[valid]).all()), method, "scores are finite on valid positions")
     _require(all(torch.equal(a, b) for a, b in zip(before, (query, keys, valid))), method,
              "score does not modify its inputs")
-    picked, _ = select_tokens(scores, valid, keep_counts(valid, 3))
+    last = getattr(method, "keeps_last", True)
+    picked, _ = select_tokens(scores, valid, keep_counts(valid, 3, last), last)
     for row, n in enumerate(lengths):
         alone_scores = method.score(query[row:row + 1], keys[row:row + 1, :, width - n:], valid[row:row + 1, width - n:],
                                     params)
-        alone, _ = select_tokens(alone_scores, valid[row:row + 1, width - n:], keep_counts(valid[row:row + 1, width - n:], 3))
+        alone_valid = valid[row:row + 1, width - n:]
+        alone, _ = select_tokens(alone_scores, alone_valid, keep_counts(alone_valid, 3, last), last)
         got = picked[row][valid[row, picked[row]]] - (width - n)
         _require(torch.equal(got, alone[0]), method, "a row selects the same tokens alone as in a left-padded batch "
                  "(scores of valid positions must not depend on padding)")
@@ -244,14 +246,15 @@ def check_attention(method: Any) -> None:
 
 
 def check_kv_manager(method: Any) -> None:
-    """``truncated_layers`` gives sorted, unique layers among 0..stage_layer."""
+    """``truncated_layers`` gives sorted, unique layers among 0..(the stage's layer)."""
     params = default_params(method)
-    for stage, total in ((0, 4), (3, 12), (11, 12)):
-        layers = tuple(method.truncated_layers(stage, total, params))
-        _require(all(isinstance(i, int) and not isinstance(i, bool) for i in layers), method,
-                 "truncated_layers returns ints")
-        _require(list(layers) == sorted(set(layers)) and all(0 <= i <= stage for i in layers), method,
-                 f"truncated layers are sorted, unique and lie in 0..{stage} (the stage layer)")
+    for stages, total in (((0,), 4), ((3,), 12), ((2, 5, 10), 12)):
+        for stage, layer in enumerate(stages):
+            layers = tuple(method.truncated_layers(stages, stage, total, params))
+            _require(all(isinstance(i, int) and not isinstance(i, bool) for i in layers), method,
+                     "truncated_layers returns ints")
+            _require(list(layers) == sorted(set(layers)) and all(0 <= i <= layer for i in layers), method,
+                     f"truncated layers are sorted, unique and lie in 0..{layer} (the stage's layer)")
 
 
 def _digest(folder: Path) -> dict[str, str]:

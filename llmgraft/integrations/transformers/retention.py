@@ -41,8 +41,8 @@ _BASES = ("sdpa", "eager")
 
 @dataclass(frozen=True)
 class Stage:
-    """Select at ``layer`` (0-based): keep ``keep`` tokens (an int count) or that fraction of each row's
-    prompt (a float ratio in (0, 1]), besides the last prompt token, which is always kept."""
+    """Select at ``layer`` (0-based): keep ``keep`` tokens (an int count: besides the last prompt token for
+    methods that always keep it) or that fraction of each row's prompt (a float ratio in (0, 1])."""
 
     layer: int
     keep: int | float
@@ -50,7 +50,8 @@ class Stage:
 
 def parse_stages(stages: Any, num_layers: int) -> tuple[Stage, ...]:
     """Validated stages from ``[(layer, k or ratio), ...]`` (or ``[{"layer":, "keep":}]``): layers in
-    [0, num_layers), strictly increasing; counts >= 1, ratios in (0, 1]."""
+    [0, num_layers - 2] (a selection at the last layer would save nothing), strictly increasing; counts >= 1,
+    ratios in (0, 1]."""
     if isinstance(stages, (str, bytes)) or not hasattr(stages, "__iter__"):
         raise ParamError(f"stages must be a list of (layer, k or keep ratio) pairs, got {stages!r}")
     out: list[Stage] = []
@@ -63,8 +64,9 @@ def parse_stages(stages: Any, num_layers: int) -> tuple[Stage, ...]:
         if isinstance(item, (str, bytes)) or len(tuple(item)) != 2:
             raise ParamError(f"a stage is a (layer, k or keep ratio) pair, got {item!r}")
         layer, keep = tuple(item)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
-            raise ParamError(f"stage layer {layer!r} is out of range: the model has layers 0..{num_layers - 1}")
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers - 1:
+            raise ParamError(f"stage layer {layer!r} is out of range: selection layers are 0..{num_layers - 2} "
+                             f"(the model has {num_layers} layers; the last one has no later layer to save)")
         if isinstance(keep, bool) or not isinstance(keep, (int, float)):
             raise ParamError(f"stage keep must be an int count or a float ratio, got {keep!r}")
         if isinstance(keep, int) and keep < 1:
@@ -131,8 +133,9 @@ class TokenRetention(contextlib.AbstractContextManager):
             raise ParamError(f"{method!r} restarts from layer 0 on its kept tokens, so it takes one stage, "
                              f"got {len(self.stages)}")
         self.truncate = {}
-        for stage in self.stages:
-            layers = tuple(self.kv_manager.truncated_layers(stage.layer, len(self.layers), self.kv_params))
+        stage_layers = tuple(s.layer for s in self.stages)
+        for i, stage in enumerate(self.stages):
+            layers = tuple(self.kv_manager.truncated_layers(stage_layers, i, len(self.layers), self.kv_params))
             if any(not 0 <= i <= stage.layer for i in layers):
                 raise ParamError(f"kv_manager {kv_manager!r} truncates layers {layers}, not all in 0..{stage.layer}")
             self.truncate[stage.layer] = layers
@@ -268,17 +271,18 @@ class TokenRetention(contextlib.AbstractContextManager):
                 self.restart and not self._probing:
             return
         valid = prompt.valid if prompt.rows is None else prompt.valid.gather(1, prompt.rows)
-        stage = self._stage_at[index]
-        if isinstance(stage.keep, int) and stage.keep >= int(valid.sum(1).max()) - 1:
-            warnings.warn(f"token retention: stage at layer {index} keeps {stage.keep} tokens, the whole prompt "
-                          f"({int(valid.sum(1).max())} tokens); it selects nothing", stacklevel=2)
+        stage, last = self._stage_at[index], getattr(self.method, "keeps_last", True)
+        counts = keep_counts(valid, stage.keep, last)
+        if isinstance(stage.keep, int) and bool((counts + int(last) == valid.sum(1)).all()):
+            warnings.warn(f"token retention: the stage at layer {index} keeps {stage.keep} tokens, the whole "
+                          f"prompt ({int(valid.sum(1).max())} tokens); it selects nothing", stacklevel=2)
             return
         count = min(getattr(self.method, "queries", 1), query.shape[2])
         scores = self.method.score(query[:, :, -count:], keys, valid, self.params)
         if scores.shape != valid.shape:
             raise RuntimeError(f"attention {self.method.name!r} returned scores of shape {tuple(scores.shape)}, "
                                f"expected {tuple(valid.shape)}")
-        prompt.pending, _ = select_tokens(scores, valid, keep_counts(valid, stage.keep))
+        prompt.pending, _ = select_tokens(scores, valid, counts, last)
 
     # ------------------------------------------------------------------------------------ the slicing
     @staticmethod

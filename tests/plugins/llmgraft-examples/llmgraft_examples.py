@@ -46,8 +46,8 @@ class Strided(Attention):
 class FirstLayers(KVManager):
     name, description, params_cls = "first_layers", "cut the prompt KV of the first n layers", Window
 
-    def truncated_layers(self, stage_layer, num_layers, params):
-        return tuple(range(min(params.k, stage_layer + 1)))
+    def truncated_layers(self, stage_layers, stage, num_layers, params):
+        return tuple(range(min(params.k, stage_layers[stage] + 1)))
 
 
 class Copy(Optimizer):
