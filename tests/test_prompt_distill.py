@@ -233,6 +233,25 @@ def _same_up_to_ties(got, want, scores, rel=1e-5):
     return all(abs(float(scores[i]) - boundary) <= rel * max(abs(boundary), 1e-12) for i in got ^ want)
 
 
+@pytest.mark.parametrize("method", ["prompt_distill", "gemfilter"])
+def test_scores_match_the_replica_with_and_without_padding(method):
+    from llmgraft import get_registry
+    from replicas import prompt_distill as replica
+
+    gen = torch.Generator().manual_seed(1)
+    heads, kv_heads, dim, lengths = 8, 2, 16, (23, 9)
+    scorer = get_registry().get("attention", method)
+    keys = torch.randn(2, kv_heads, 23, dim, generator=gen)
+    query = torch.randn(2, heads, 1, dim, generator=gen)
+    valid = torch.arange(23)[None] >= torch.tensor([23 - n for n in lengths])[:, None]
+    scores = scorer.score(query, keys, valid, scorer.params_cls())
+    want_fn = {"prompt_distill": replica.promptdistill_scores, "gemfilter": replica.gemfilter_scores}[method]
+    for row, n in enumerate(lengths):
+        want = want_fn(query[row, :, 0], keys[row, :, -n:])
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(scores[row, -n:][finite].double(), want[finite], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("method, keep", [("prompt_distill", 30), ("prompt_distill", 0.4), ("gemfilter", 30)])
 def test_selection_matches_the_official_rule_replica(method, keep, code_lm, tokenizer, prompts):
     from replicas import prompt_distill as replica
