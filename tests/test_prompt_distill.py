@@ -324,9 +324,16 @@ def test_right_padding_and_unsupported_architectures(code_lm, tokenizer, prompts
 def test_the_model_is_restored_after_the_block(code_lm, tokenizer, prompts):
     enc = _batch(tokenizer, prompts[:1])
     before = code_lm(**enc).logits
+
+    def hooks():
+        modules = [code_lm, code_lm.model, *code_lm.model.layers]
+        return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in modules]
+
+    installed = hooks()
     with warnings.catch_warnings(), prompt_distill(code_lm, stages=[(1, 0.2)]):
         shorter = code_lm(**enc).logits
+        assert hooks() != installed
     assert shorter.shape[1] < before.shape[1]
     assert torch.equal(code_lm(**enc).logits, before)
-    assert not code_lm._forward_pre_hooks and not code_lm.model._forward_pre_hooks
-    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in code_lm.model.layers)
+    assert hooks() == installed
+    assert not any(hasattr(layer.self_attn, "_llmgraft_retention") for layer in code_lm.model.layers)

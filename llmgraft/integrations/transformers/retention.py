@@ -26,59 +26,17 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ...hooks import ParamError, get_registry
-from ...kernels.retention import gather_tokens, keep_counts, select_tokens
+from ...hooks import ParamError
+from ...hooks.retention import RetentionPlan
+from ...kernels.retention import gather_tokens
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _BASES = ("sdpa", "eager")
-
-
-@dataclass(frozen=True)
-class Stage:
-    """Select at ``layer`` (0-based): keep ``keep`` tokens (an int count: besides the last prompt token for
-    methods that always keep it) or that fraction of each row's prompt (a float ratio in (0, 1])."""
-
-    layer: int
-    keep: int | float
-
-
-def parse_stages(stages: Any, num_layers: int) -> tuple[Stage, ...]:
-    """Validated stages from ``[(layer, k or ratio), ...]`` (or ``[{"layer":, "keep":}]``): layers in
-    [0, num_layers - 2] (a selection at the last layer would save nothing), strictly increasing; counts >= 1,
-    ratios in (0, 1]."""
-    if isinstance(stages, (str, bytes)) or not hasattr(stages, "__iter__"):
-        raise ParamError(f"stages must be a list of (layer, k or keep ratio) pairs, got {stages!r}")
-    out: list[Stage] = []
-    for item in stages:
-        if isinstance(item, dict):
-            unknown = set(item) - {"layer", "keep"}
-            if unknown or "layer" not in item or "keep" not in item:
-                raise ParamError(f"a stage has the keys 'layer' and 'keep', got {sorted(item)}")
-            item = (item["layer"], item["keep"])
-        if isinstance(item, (str, bytes)) or len(tuple(item)) != 2:
-            raise ParamError(f"a stage is a (layer, k or keep ratio) pair, got {item!r}")
-        layer, keep = tuple(item)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers - 1:
-            raise ParamError(f"stage layer {layer!r} is out of range: selection layers are 0..{num_layers - 2} "
-                             f"(the model has {num_layers} layers; the last one has no later layer to save)")
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-            raise ParamError(f"stage keep must be an int count or a float ratio, got {keep!r}")
-        if isinstance(keep, int) and keep < 1:
-            raise ParamError(f"stage keep count must be >= 1, got {keep}")
-        if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-            raise ParamError(f"stage keep ratio must be in (0, 1], got {keep}")
-        if out and layer <= out[-1].layer:
-            raise ParamError(f"stage layers must increase, got {out[-1].layer} then {layer}")
-        out.append(Stage(layer, keep))
-    if not out:
-        raise ParamError("stages is empty: give at least one (layer, k or keep ratio)")
-    return tuple(out)
 
 
 class _Stop(Exception):
@@ -122,24 +80,9 @@ class TokenRetention(contextlib.AbstractContextManager):
         self.model = model
         self.base_model = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.layers = list(self.base_model.layers)
-        registry = get_registry()
-        self.method = registry.get("attention", method)
-        self.params = self.method.params_cls.from_mapping(params or {})
-        self.kv_manager = registry.get("kv_manager", kv_manager)
-        self.kv_params = self.kv_manager.params_cls.from_mapping(kv_params or {})
-        self.stages = parse_stages(stages, len(self.layers))
-        self.restart = getattr(self.method, "mode", "continue") == "restart"
-        if self.restart and len(self.stages) != 1:
-            raise ParamError(f"{method!r} restarts from layer 0 on its kept tokens, so it takes one stage, "
-                             f"got {len(self.stages)}")
-        self.truncate = {}
-        stage_layers = tuple(s.layer for s in self.stages)
-        for i, stage in enumerate(self.stages):
-            layers = tuple(self.kv_manager.truncated_layers(stage_layers, i, len(self.layers), self.kv_params))
-            if any(not 0 <= i <= stage.layer for i in layers):
-                raise ParamError(f"kv_manager {kv_manager!r} truncates layers {layers}, not all in 0..{stage.layer}")
-            self.truncate[stage.layer] = layers
-        self._stage_at = {s.layer: s for s in self.stages}
+        self.plan = RetentionPlan(stages, len(self.layers), method=method, params=params, kv_manager=kv_manager,
+                                  kv_params=kv_params)
+        self.restart = self.plan.restart
         self._prompt: _Prompt | None = None
         self._handles: list[Any] = []
         self._saved_impl: str | None = None
@@ -161,7 +104,7 @@ class TokenRetention(contextlib.AbstractContextManager):
             layer.self_attn._llmgraft_retention = self
             self._handles.append(layer.register_forward_pre_hook(
                 _bind(self._before_layer, index), with_kwargs=True))
-            if index in self._stage_at:
+            if index in self.plan.at:
                 self._handles.append(layer.register_forward_hook(
                     _bind(self._after_stage, index), with_kwargs=True))
         return self
@@ -209,7 +152,7 @@ class TokenRetention(contextlib.AbstractContextManager):
             self._prompt = _Prompt(length, valid, seen=length)
             if self.restart:
                 return args, self._restart_prefill(args, kwargs, valid)
-            if mask is None and any(self.truncate.values()):
+            if mask is None and any(self.plan.truncate.values()):
                 kwargs = {**kwargs, "attention_mask": valid.long()}
                 return args, kwargs
             return None
@@ -220,7 +163,7 @@ class TokenRetention(contextlib.AbstractContextManager):
         prompt.seen += tokens.shape[1]
         if self.restart and prompt.shift is not None:
             return args, self._restart_decode(kwargs, tokens.shape[1])
-        if mask is None and any(self.truncate.values()):
+        if mask is None and any(self.plan.truncate.values()):
             return args, {**kwargs, "attention_mask": torch.ones(tokens.shape[0], prompt.seen, dtype=torch.long,
                                                                  device=tokens.device)}
         return None
@@ -258,7 +201,7 @@ class TokenRetention(contextlib.AbstractContextManager):
             raise _Stop
         cache = kwargs.get("past_key_values")
         if cache is not None:
-            for layer in self.truncate[index]:
+            for layer in self.plan.truncate[index]:
                 self._truncate_cache(cache, layer, prompt, rows)
         hidden = output[0] if isinstance(output, tuple) else output
         hidden = gather_tokens(hidden, local)
@@ -267,22 +210,13 @@ class TokenRetention(contextlib.AbstractContextManager):
     def observe(self, module, query: torch.Tensor, keys: torch.Tensor) -> None:
         """Called by the attention wrapper: score and select at a selection layer during the prefill."""
         prompt, index = self._prompt, module.layer_idx
-        if prompt is None or not prompt.prefill or index not in self._stage_at or \
+        if prompt is None or not prompt.prefill or index not in self.plan.at or \
                 self.restart and not self._probing:
             return
         valid = prompt.valid if prompt.rows is None else prompt.valid.gather(1, prompt.rows)
-        stage, last = self._stage_at[index], getattr(self.method, "keeps_last", True)
-        counts = keep_counts(valid, stage.keep, last)
-        if isinstance(stage.keep, int) and bool((counts + int(last) == valid.sum(1)).all()):
-            warnings.warn(f"token retention: the stage at layer {index} keeps {stage.keep} tokens, the whole "
-                          f"prompt ({int(valid.sum(1).max())} tokens); it selects nothing", stacklevel=2)
-            return
-        count = min(getattr(self.method, "queries", 1), query.shape[2])
-        scores = self.method.score(query[:, :, -count:], keys, valid, self.params)
-        if scores.shape != valid.shape:
-            raise RuntimeError(f"attention {self.method.name!r} returned scores of shape {tuple(scores.shape)}, "
-                               f"expected {tuple(valid.shape)}")
-        prompt.pending, _ = select_tokens(scores, valid, counts, last)
+        selected = self.plan.select(index, query, keys, valid)
+        if selected is not None:
+            prompt.pending = selected[0]
 
     # ------------------------------------------------------------------------------------ the slicing
     @staticmethod
