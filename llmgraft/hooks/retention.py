@@ -18,6 +18,8 @@ from .errors import ParamError
 from .manager import get_registry
 
 SETTINGS = ("stages", "method", "params", "kv_manager", "kv_params")
+#: The key of these settings in vLLM's ``--additional-config '{"llmgraft": {...}}'``.
+SETTINGS_KEY = "prompt_distill"
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from .families import Sampler
 from .manager import Registry, get_registry
 from .names import closest
 from .params import Params
+from .retention import SETTINGS_KEY as RETENTION_KEY
 
 SAMPLER_KEY = "llmgraft_sampler"
 OPT_OUT = "none"
@@ -130,17 +131,22 @@ def parse_sampler_fields(fields: Mapping[str, Any] | None, registry: Registry | 
     return resolve_sampler(fields, None, registry, opt_out=OPT_OUT)
 
 
+#: Keys of the "llmgraft" server section that configure features other than sampling (their own parsers).
+OTHER_SECTIONS = (RETENTION_KEY,)
+
+
 def parse_server_defaults(config: Mapping[str, Any] | None, registry: Registry | None = None
                           ) -> SamplerChoice | None:
     """Server-wide default from ``{"sampler": name, ...fields}`` (vLLM ``--additional-config`` "llmgraft").
 
     The section is llmgraft's alone, so every key in it must be known: a typo is an error, never a
-    silently missing default.
+    silently missing default. Keys in :data:`OTHER_SECTIONS` belong to other features and are skipped.
     """
+    if not isinstance(config, Mapping) and config:
+        raise ParamError(f"llmgraft server config must be a mapping, got {config!r}")
+    config = {k: v for k, v in (config or {}).items() if k not in OTHER_SECTIONS}
     if not config:
         return None
-    if not isinstance(config, Mapping):
-        raise ParamError(f"llmgraft server config must be a mapping, got {config!r}")
     fields = {SAMPLER_KEY if k == "sampler" else k: v for k, v in config.items()}
     choice = parse_own_fields(fields, "server config key", registry)
     return None if choice == OPT_OUT else choice

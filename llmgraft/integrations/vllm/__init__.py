@@ -7,6 +7,21 @@ imports only what the logits-processor interface needs; samplers load lazily on 
 
 from .sampling import GraftSampling
 
+#: Out-of-tree model classes with token retention, by the stock architecture each one extends; select one
+#: with ``--hf-overrides '{"architectures": ["LlmgraftLlamaForCausalLM"]}'``.
+RETENTION_ARCHITECTURES = {"LlmgraftLlamaForCausalLM": "LlamaForCausalLM",
+                           "LlmgraftQwen2ForCausalLM": "Qwen2ForCausalLM",
+                           "LlmgraftMistralForCausalLM": "MistralForCausalLM"}
+
+
+def register_models() -> None:
+    """Register the token-retention model classes with vLLM, lazily (by import path): the module that
+    defines them imports vLLM's model code, which only an engine that selects one of them pays for."""
+    from vllm import ModelRegistry
+
+    for name in RETENTION_ARCHITECTURES:
+        ModelRegistry.register_model(name, f"{__name__}.retention:{name}")
+
 
 def register() -> None:
     """vLLM general-plugin hook, run in every vLLM process (front end and workers).
@@ -20,9 +35,10 @@ def register() -> None:
     from .startup import install
 
     install()
+    register_models()
     registry = get_registry()
     logging.getLogger("llmgraft").info(
         "llmgraft plugins: %s", ", ".join(f"{e.family}:{e.name}" for e in registry.all_entries()))
 
 
-__all__ = ["GraftSampling", "register"]
+__all__ = ["RETENTION_ARCHITECTURES", "GraftSampling", "register", "register_models"]
