@@ -6,6 +6,7 @@
     llmgraft demo merge              fine-tunes of the code LM merged by every merger: loss, time, memory
     llmgraft demo mos                MoS against LoRA of equal trainable parameters on the code LM
     llmgraft demo slim-moe           SlimMoE on an MoE upcycled from the code LM: parameters and loss
+    llmgraft demo distill            PromptDistill on the code LM in transformers and vLLM: time, KV, agreement
     llmgraft lab --model DIR --prompts FILE --samplers top_p,min_p,top_h,top_w,top_nsigma,p_less
                                      sweep each sampler's knob on your model: table and frontier plot
     llmgraft merge --method mwa|consensus|ties|task_arithmetic|uniform [--base B] IN... --out O
@@ -14,6 +15,8 @@
     llmgraft export-lora ADAPTER OUT  a saved MoS (any llmgraft adapter) as a plain LoRA adapter for vLLM
     llmgraft slim-moe --model M --calib FILE --stages 0.75,0.5 --tokens N --out O
                                      SlimMoE: slim every expert of an MoE model in prune + distil stages
+    llmgraft prompt-distill --model M --prompt-file F --stages 1:0.25
+                                     one prompt through transformers with and without token retention
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ def cmd_plugins(_args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.topic == "distill":
+        from .demo_distill import run_distill_demo
+
+        run_distill_demo()
+        return 0
     if args.topic == "slim-moe":
         from .demo_slim import run_slim_demo
 
@@ -201,6 +209,74 @@ def cmd_slim_moe(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_stage_list(text: str) -> list[tuple[int, int | float]]:
+    """``"1:0.25,2:64"`` → ``[(1, 0.25), (2, 64)]``: a keep with a decimal point is a ratio, else a count."""
+    from .hooks.errors import ParamError
+
+    stages = []
+    for item in text.split(","):
+        layer, sep, keep = item.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            stages.append((int(layer), float(keep) if any(c in keep for c in ".eE") else int(keep)))
+        except ValueError:
+            raise ParamError(f"--stages takes LAYER:KEEP pairs such as 1:0.25 or 1:64, got {item.strip()!r}") from None
+    return stages
+
+
+def cmd_prompt_distill(args: argparse.Namespace) -> int:
+    import contextlib
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .integrations.transformers.retention import prompt_distill
+    from .report import format_table
+
+    stages = parse_stage_list(args.stages)
+    params = dict(_key_values(args.param))
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    retention = prompt_distill(model, stages=stages, method=args.method, kv_manager=args.kv_manager, **params)
+    text = Path(args.prompt_file).read_text()
+    enc = tokenizer(text, return_tensors="pt")
+    if args.max_prompt_tokens:
+        enc = {k: v[:, -args.max_prompt_tokens:] for k, v in enc.items()}
+    rows, completions = [], {}
+    for label, block in (("full model", None), (f"{args.method} {args.stages}", retention)):
+        start = time.perf_counter()
+        with torch.no_grad(), (block if block is not None else contextlib.nullcontext()):
+            out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 return_dict_in_generate=True)
+        seconds = time.perf_counter() - start
+        cached = retention.cached_tokens(out.past_key_values)
+        completions[label] = tokenizer.decode(out.sequences[0, enc["input_ids"].shape[1]:])
+        rows.append([label, enc["input_ids"].shape[1], " ".join(map(str, cached)), f"{seconds:.2f}"])
+    print(format_table(["run", "prompt tokens", "cached tokens per layer", "seconds"], rows))
+    for label, completion in completions.items():
+        print(f"\n--- {label}:\n{completion}")
+    return 0
+
+
+def _key_values(items: list[str] | None) -> list[tuple[str, object]]:
+    import json
+
+    from .hooks.errors import ParamError
+
+    out = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ParamError(f"--param takes NAME=VALUE, got {item!r}")
+        try:
+            out.append((key, json.loads(value)))
+        except json.JSONDecodeError:
+            out.append((key, value))
+    return out
+
+
 def cmd_tall(args: argparse.Namespace) -> int:
     from .offline.merge import build_tall, rebuild_tall
 
@@ -246,10 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list loaded methods and their parameters").set_defaults(func=cmd_plugins)
     demo = sub.add_parser("demo", help="compare samplers on a real vLLM engine",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("topic", nargs="?", default="top_h", choices=["top_h", "samplers", "merge", "mos", "slim-moe"],
+    demo.add_argument("topic", nargs="?", default="top_h", choices=["top_h", "samplers", "merge", "mos", "slim-moe",
+                                                                   "distill"],
                       help="top_h: Top-H against vLLM's top-p and min-p; samplers: a quick sampler lab; merge: "
                            "fine-tunes of the code LM merged by every merger; mos: MoS against LoRA; slim-moe: "
-                           "SlimMoE on an MoE")
+                           "SlimMoE on an MoE; distill: PromptDistill in transformers and vLLM")
     demo.add_argument("--out", default="lab-demo", help="samplers topic: where the table and plot go")
     demo.add_argument("--model", help="model directory (default: the bundled code LM)")
     demo.add_argument("--samples", type=int, default=8, help="completions per prompt")
@@ -341,6 +418,20 @@ def build_parser() -> argparse.ArgumentParser:
     slim.add_argument("--out", required=True, help="output model directory (written atomically)")
     slim.add_argument("--force", action="store_true", help="replace OUT if it exists")
     slim.set_defaults(func=cmd_slim_moe)
+    distill = sub.add_parser("prompt-distill", help="PromptDistill (or another token-retention method) on one "
+                             "prompt with transformers, against the full model",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    distill.add_argument("--model", required=True, help="a Llama, Qwen2 or Mistral model directory")
+    distill.add_argument("--prompt-file", required=True, help="text file holding the prompt")
+    distill.add_argument("--stages", default="1:0.25", help="LAYER:KEEP pairs, comma-separated; KEEP is a ratio "
+                         "(0.25) or a token count (64)")
+    distill.add_argument("--method", default="prompt_distill", help="a registered attention method "
+                         "(prompt_distill, gemfilter, last_k, ...)")
+    distill.add_argument("--param", action="append", help="a method parameter, NAME=VALUE (repeatable)")
+    distill.add_argument("--kv-manager", default="keep_kv", help="keep_kv, or truncate_kv to cut earlier layers")
+    distill.add_argument("--max-prompt-tokens", type=int, help="keep only the prompt's last N tokens")
+    distill.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens to generate")
+    distill.set_defaults(func=cmd_prompt_distill)
     return parser
 
 
