@@ -38,9 +38,13 @@ def __getattr__(name: str):
         from .kernels.truncation import sanitize_logits_
 
         return sanitize_logits_
+    if name == "prompt_distill":  # imports transformers, which vLLM engines need not pay for
+        from .integrations.transformers.retention import prompt_distill
+
+        return prompt_distill
     raise AttributeError(f"module 'llmgraft' has no attribute {name!r}")
 
 
 __all__ = ["AdaptedLayer", "Adapter", "AdapterState", "Attention", "KVManager", "LLMGraftError", "Merger", "Optimizer", "ParamError", "Params",
            "PluginLoadError", "Sampler", "UnknownPluginError", "__version__", "choice", "get_registry",
-           "hookimpl", "param", "per_row", "sanitize_logits_"]
+           "hookimpl", "param", "per_row", "prompt_distill", "sanitize_logits_"]

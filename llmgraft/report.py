@@ -142,3 +142,20 @@ def frontier_plot(path: str | Path, curves: dict[str, Sequence[tuple[float, floa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
+
+
+def line_panels(path: str | Path, panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]],
+                xlabels: Sequence[str], title: str) -> Path:
+    """One panel per entry of ``panels`` (its title → {series: (xs, ys)}), a line per series; saved as PNG."""
+    plt = _pyplot()
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for ax, (name, series), xlabel in zip(axes[0], panels.items(), xlabels):
+        for i, (label, (xs, ys)) in enumerate(series.items()):
+            ax.plot(xs, ys, marker="osD^v"[i % 5], label=label, color=plt.cm.tab10.colors[i % 10])
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(plt, fig, path)
