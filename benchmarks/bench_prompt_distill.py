@@ -107,9 +107,13 @@ def quality(count, ratios, layer=1):
 
     for method in tqdm(("prompt_distill", "gemfilter", "last_k"), desc="quality", unit="method"):
         for ratio in ratios:
-            logp = next_token_logprobs(model, prompts, retention={"stages": [(layer, ratio)], "method": method})
+            kept: list = []
+            logp = next_token_logprobs(model, prompts, retention={"stages": [(layer, ratio)], "method": method},
+                                       kept=kept)
             kl, agree = kl_and_agreement(reference, logp)
-            out.append({"method": method, "keep": ratio, "kl": kl, "top1": agree, "prompts": len(prompts)})
+            last = float(torch.cat([k[:, -1] == prompts.shape[1] - 1 for k in kept]).double().mean())
+            out.append({"method": method, "keep": ratio, "kl": kl, "top1": agree, "last_kept": last,
+                        "prompts": len(prompts)})
     return out
 
 
@@ -151,8 +155,9 @@ def main() -> None:
         rows.append([r["length"], f"{s['full']:.3f}", f"{s['distill']:.3f}", f"{s['ideal']:.3f}", f"{gain:.2f}x",
                      f"{ideal_gain:.2f}x", f"{gain / ideal_gain:.2f}", f"{kv:.2f}x"])
     quality_table = format_table(
-        ["method", "keep", "KL to full (nats)", "top-1 = full"],
-        [[q["method"], f"{q['keep']:.0%}", f"{q['kl']:.3f}", f"{q['top1']:.0%}"] for q in quality_rows],
+        ["method", "keep", "KL to full (nats)", "top-1 = full", "last token kept"],
+        [[q["method"], f"{q['keep']:.0%}", f"{q['kl']:.3f}", f"{q['top1']:.0%}", f"{q['last_kept']:.0%}"]
+         for q in quality_rows],
         title=f"Next-token quality on the code LM ({quality_rows[0]['prompts']} held-out prompts of 1000 tokens, "
               "selection at layer 1 of 4)")
     last = speed_rows[-1]

@@ -24,9 +24,10 @@ def heldout_prompts(length: int, count: int):
 
 
 @torch.no_grad()
-def next_token_logprobs(model, prompts: torch.Tensor, batch: int = 8, retention: dict[str, Any] | None = None):
+def next_token_logprobs(model, prompts: torch.Tensor, batch: int = 8, retention: dict[str, Any] | None = None,
+                        kept: list | None = None):
     """Log-probabilities [N, V] (float64) of the token after each prompt, optionally under
-    ``llmgraft.prompt_distill(model, **retention)``."""
+    ``llmgraft.prompt_distill(model, **retention)``; ``kept`` collects each batch's first-stage indices."""
     from ..integrations.transformers.retention import prompt_distill
 
     out = []
@@ -36,8 +37,10 @@ def next_token_logprobs(model, prompts: torch.Tensor, batch: int = 8, retention:
         if retention is None:
             logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
         else:
-            with prompt_distill(model, **retention):
+            with prompt_distill(model, **retention) as block:
                 logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+            if kept is not None and block.kept:
+                kept.append(block.kept[0])
         out.append(torch.log_softmax(logits[:, -1].double(), -1))
     return torch.cat(out)
 
