@@ -25,6 +25,7 @@ demo: setup
 	$(VENV)/bin/llmgraft demo merge
 	$(VENV)/bin/llmgraft demo mos
 	$(VENV)/bin/llmgraft demo slim-moe
+	$(VENV)/bin/llmgraft demo distill
 
 test: setup
 	$(PY) -m pytest -q
@@ -45,6 +46,7 @@ bench: setup
 	$(PY) benchmarks/bench_adapter_merge.py --out benchmarks/results/adapter_merge
 	$(PY) benchmarks/bench_mos.py --out benchmarks/results/mos
 	$(PY) benchmarks/bench_slim_moe.py --out benchmarks/results/slim_moe
+	$(PY) benchmarks/bench_prompt_distill.py --out benchmarks/results/prompt_distill
 
 clean:
 	rm -rf .scratch demo.png

@@ -14,7 +14,7 @@ from conftest import PLUGIN_INSTALL, ROOT
 from readme_blocks import block, blocks, commands
 
 HANDLED = {"make", "output of make demo", "same as make setup", "output of llmgraft plugins", "run", "mos", "mos-serve", "slim-moe",
-           "slim-moe-distributed", "output of llmgraft demo slim-moe",
+           "slim-moe-distributed", "output of llmgraft demo slim-moe", "output of llmgraft demo distill",
            "server", "plugin install", "run with the plugin installed", "smoke", "layout", "lab", "merge"}
 
 
@@ -46,6 +46,8 @@ def test_quickstart_make_demo(tmp_path):
         assert label in out
     slim = block("output of llmgraft demo slim-moe").code.splitlines()
     assert slim[0] in out and all(line.split("  ")[0] in out for line in slim[2:])
+    distill = block("output of llmgraft demo distill").code.splitlines()
+    assert distill[0] in out and distill[1].split() == next(l for l in out.splitlines() if l.startswith("engine ")).split()
     assert plot.stat().st_size > 10_000
 
 
@@ -93,7 +95,8 @@ SMOKE_ARGS = {"bench_top_h.py": ["--runs", "1", "--repeats", "3", "--batches", "
               "bench_server.py": ["--requests", "60", "--warmup", "10", "--concurrency", "8"],
               "bench_merge.py": ["--inputs", "2", "--methods", "uniform", "ties", "--size-mb", "6", "--no-mergekit"],
               "bench_mos.py": ["--quick", "--steps", "3", "--seeds", "1"],
-              "bench_slim_moe.py": ["--teacher-steps", "2", "--tokens", "1024", "--targets", "0.5", "--no-vllm"]}
+              "bench_slim_moe.py": ["--teacher-steps", "2", "--tokens", "1024", "--targets", "0.5", "--no-vllm"],
+              "bench_prompt_distill.py": ["--lengths", "256", "--repeats", "1", "--prompts", "8", "--ratios", "0.25"]}
 
 
 @pytest.mark.engine
