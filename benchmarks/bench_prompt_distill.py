@@ -97,7 +97,7 @@ def quality(count, ratios, layer=1):
     from transformers import AutoModelForCausalLM
 
     from llmgraft.testing.models import code_lm_path
-    from llmgraft.testing.retention_eval import heldout_prompts, kl_and_agreement, next_token_logprobs
+    from llmgraft.testing.retention_eval import heldout_prompts, kl_and_agreement
 
     model = AutoModelForCausalLM.from_pretrained(code_lm_path(), dtype=torch.float32).eval()
     prompts = heldout_prompts(1000, count)
@@ -115,6 +115,27 @@ def quality(count, ratios, layer=1):
             out.append({"method": method, "keep": ratio, "kl": kl, "top1": agree, "last_kept": last,
                         "prompts": len(prompts)})
     return out
+
+
+def next_token_logprobs(model, prompts, batch: int = 8, retention: dict | None = None, kept: list | None = None):
+    """Log-probabilities [N, V] (float64) of the token after each prompt, optionally under
+    ``llmgraft.prompt_distill(model, **retention)``; ``kept`` collects each batch's first-stage indices."""
+    import contextlib
+
+    import torch
+
+    from llmgraft import prompt_distill
+
+    out = []
+    for start in range(0, len(prompts), batch):
+        ids = prompts[start:start + batch]
+        block = prompt_distill(model, **retention) if retention else contextlib.nullcontext()
+        with torch.no_grad(), block:
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1).logits
+        if kept is not None and retention and block.kept:
+            kept.append(block.kept[0])
+        out.append(torch.log_softmax(logits[:, -1].double(), -1))
+    return torch.cat(out)
 
 
 def plot(path, speed_rows, quality_rows):

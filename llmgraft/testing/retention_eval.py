@@ -1,11 +1,10 @@
-"""Measuring token retention on a transformers model: held-out prompts, next-token quality against the full
-model, KV-cache size and prefill time. Used by ``llmgraft demo distill`` and the benchmark."""
+"""Measuring token retention: held-out prompts, next-token quality against the full model, KV-cache size
+and interleaved timings. Used by ``llmgraft demo distill`` and the benchmark."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -21,28 +20,6 @@ def heldout_prompts(length: int, count: int):
     windows = stream[:usable].view(-1, length)
     step = max(1, len(windows) // count)
     return windows[::step][:count].clone()
-
-
-@torch.no_grad()
-def next_token_logprobs(model, prompts: torch.Tensor, batch: int = 8, retention: dict[str, Any] | None = None,
-                        kept: list | None = None):
-    """Log-probabilities [N, V] (float64) of the token after each prompt, optionally under
-    ``llmgraft.prompt_distill(model, **retention)``; ``kept`` collects each batch's first-stage indices."""
-    from ..integrations.transformers.retention import prompt_distill
-
-    out = []
-    for start in range(0, len(prompts), batch):
-        ids = prompts[start:start + batch]
-        mask = torch.ones_like(ids)
-        if retention is None:
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
-        else:
-            with prompt_distill(model, **retention) as block:
-                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
-            if kept is not None and block.kept:
-                kept.append(block.kept[0])
-        out.append(torch.log_softmax(logits[:, -1].double(), -1))
-    return torch.cat(out)
 
 
 def kl_and_agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
