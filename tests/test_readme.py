@@ -47,7 +47,7 @@ def test_quickstart_make_demo(tmp_path):
     slim = block("output of llmgraft demo slim-moe").code.splitlines()
     assert slim[0] in out and all(line.split("  ")[0] in out for line in slim[2:])
     distill = block("output of llmgraft demo distill").code.splitlines()
-    assert distill[0] in out and distill[1].split() == next(l for l in out.splitlines() if l.startswith("engine ")).split()
+    assert distill[0] in out and distill[1].split() == next(l for l in out.splitlines() if "prefill ms/prompt" in l).split()
     assert plot.stat().st_size > 10_000
 
 
