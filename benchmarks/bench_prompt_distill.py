@@ -14,6 +14,9 @@ least 0.92x the ideal's, and the KV of the layers after the selection is at leas
 **Quality** (the bundled code LM, 4 layers): the KL of the next-token distribution from the full model's,
 and top-1 agreement, on held-out stdlib prompts of 1000 tokens, for PromptDistill (selection after layer
 1), GemFilter (filter layer 1, rerun on the kept tokens) and the last-k window, at keep ratios 10/25/50%.
+
+**vLLM** (the code LM, in-process engine): requests/s of 1000-token prompts, full model against the
+llmgraft model class with PromptDistill, prefill only and with generation.
 """
 
 from __future__ import annotations
@@ -117,6 +120,42 @@ def quality(count, ratios, layer=1):
     return out
 
 
+def vllm_throughput(requests: int, tokens: int, length: int = 1000, rounds: int = 3):
+    """Requests/s of vLLM on the code LM, full and with PromptDistill (keep 25% after layer 1): prefill only
+    (1 generated token) and with ``tokens`` generated; best of ``rounds``, one in-process engine each."""
+    import gc
+    import os
+    import time
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import SamplingParams
+
+    from llmgraft.testing.engine import cpu_engine
+    from llmgraft.testing.models import code_lm_path
+    from llmgraft.testing.retention_eval import heldout_prompts
+
+    prompts = [{"prompt_token_ids": p.tolist()} for p in heldout_prompts(length, requests)]
+    runs = {"prefill": SamplingParams(temperature=0, max_tokens=1),
+            f"{tokens} tokens": SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)}
+    settings = {"hf_overrides": {"architectures": ["LlmgraftLlamaForCausalLM"]},
+                "additional_config": {"llmgraft": {"prompt_distill": {"stages": [[1, 0.25]]}}}}
+    out = {}
+    for label, extra in (("full", {}), ("distill", settings)):
+        llm = cpu_engine(code_lm_path(), max_model_len=1024, max_num_batched_tokens=1024, max_num_seqs=requests,
+                         enable_chunked_prefill=False, enable_prefix_caching=False, **extra)
+        llm.generate(prompts[:2], runs["prefill"], use_tqdm=False)
+        for run, params in runs.items():
+            best = float("inf")
+            for _ in range(rounds):
+                start = time.perf_counter()
+                llm.generate(prompts, params, use_tqdm=False)
+                best = min(best, time.perf_counter() - start)
+            out[(label, run)] = requests / best
+        del llm
+        gc.collect()
+    return [{"run": run, "full": out[("full", run)], "distill": out[("distill", run)]} for run in runs]
+
+
 def next_token_logprobs(model, prompts, batch: int = 8, retention: dict | None = None, kept: list | None = None):
     """Log-probabilities [N, V] (float64) of the token after each prompt, optionally under
     ``llmgraft.prompt_distill(model, **retention)``; ``kept`` collects each batch's first-stage indices."""
@@ -159,6 +198,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts for the quality part")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    parser.add_argument("--requests", type=int, default=16, help="vLLM: requests of 1000 prompt tokens")
+    parser.add_argument("--tokens", type=int, default=64, help="vLLM: generated tokens per request")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM throughput")
     parser.add_argument("--out", help="write <out>.md, <out>.json and <out>.png")
     args = parser.parse_args()
 
@@ -166,6 +208,7 @@ def main() -> None:
 
     speed_rows = speed(args.lengths, args.repeats)
     quality_rows = quality(args.prompts, args.ratios)
+    vllm_rows = [] if args.no_vllm else vllm_throughput(args.requests, args.tokens)
     headers = ["prompt", "full s", "PromptDistill s", "ideal s", "speed-up", "ideal speed-up", "of ideal",
                "later-layer KV smaller"]
     rows = []
@@ -192,10 +235,17 @@ def main() -> None:
     claim = (f"PromptDistill has a lower KL than GemFilter at {len(wins)} of {len(args.ratios)} keep ratios "
              f"({', '.join(f'{k:.0%}' for k in wins) or 'none'}).")
     notes = "```\n" + quality_table + "\n```\n\n" + verdict + "\n\n" + claim
+    if vllm_rows:
+        notes += "\n\n```\n" + format_table(
+            ["run", "full requests/s", "PromptDistill requests/s", "speed-up"],
+            [[v["run"], f"{v['full']:.1f}", f"{v['distill']:.1f}", f"{v['distill'] / v['full']:.2f}x"]
+             for v in vllm_rows],
+            title=f"vLLM on the code LM: {args.requests} requests of 1000 tokens, keep 25% after layer 1 of 4, "
+                  "best of 3") + "\n```"
     title = (f"PromptDistill prefill on a random Llama (hidden 512, 12 layers, 8/2 heads, MLP 1536), keep "
              f"{KEEP:.0%} after layer {SPLIT - 1}; median of {args.repeats}")
     md = report_results(args.out, title, headers, rows, notes=notes,
-                        data={"speed": speed_rows, "quality": quality_rows})
+                        data={"speed": speed_rows, "quality": quality_rows, "vllm": vllm_rows})
     if md is not None:
         print(f"written: {plot(md.with_suffix('.png'), speed_rows, quality_rows)}")
 

@@ -86,60 +86,57 @@ class _Retention:
         attention = self.attention[layer]
         impl = attention.impl
         block = attention.kv_cache.shape[2]
+        device = query.device
         starts = metadata.query_start_loc.tolist()
-        seq_lens, first_lens = original.seq_lens.tolist(), original.query_start_loc.tolist()
-        table = metadata.block_table
-        rows, new_starts, new_lens, positions = [], [0], [], []
-        for r in range(len(starts) - 1):
-            begin, end = starts[r], starts[r + 1]
-            asked = first_lens[r + 1] - first_lens[r]
+        seq_lens, asked = original.seq_lens.tolist(), original.query_start_loc.diff().tolist()
+        firsts = metadata.block_table[:, 0].tolist()
+        rows, compact, new_lens = [], [], []  # per request: rows kept, their compacted KV indices, its length
+        for r, (begin, end) in enumerate(zip(starts, starts[1:])):
             if end == begin:
-                new_starts.append(new_starts[-1])
+                rows.append(torch.arange(0, device=device))
+                compact.append(rows[-1])
                 new_lens.append(0)
                 continue
-            key = int(table[r, 0])
-            if seq_lens[r] == asked:  # a whole prompt in this step
+            if seq_lens[r] == asked[r]:  # a whole prompt in this step
                 n = end - begin
                 q = query[end - 1].view(1, impl.num_heads, 1, impl.head_size)
                 k = keys[begin:end].view(n, impl.num_kv_heads, impl.head_size).transpose(0, 1)[None]
-                chosen = self.plan.select(layer, q, k, torch.ones(1, n, dtype=torch.bool, device=q.device))
-                local = chosen[0][0] if chosen is not None else torch.arange(n, device=q.device)
+                chosen = self.plan.select(layer, q, k, torch.ones(1, n, dtype=torch.bool, device=device))
+                local = chosen[0][0] if chosen is not None else torch.arange(n, device=device)
                 if number == 0:
-                    self.requests[key] = _Request(prompt=n, kept=[])
-                state = self.requests[key]
+                    self.requests[firsts[r]] = _Request(prompt=n, kept=[])
+                state = self.requests[firsts[r]]
                 state.kept = state.kept[:number] + [len(local)]
                 rows.append(local + begin)
-                kept = len(local)
-                slots = range(kept)
-                length = kept
-            else:
-                state = self.requests.get(key)
-                history = seq_lens[r] - asked
-                if state is None or len(state.kept) <= number or history < state.prompt:
-                    raise RuntimeError("llmgraft token retention lost track of a request (a prompt split over "
-                                       "steps, a prefix-cache hit or a preempted request)")
-                kept = state.kept[number]
-                rows.append(torch.arange(begin, end, device=query.device))
-                slots = range(kept + history - state.prompt, kept + seq_lens[r] - state.prompt)
-                length = kept + seq_lens[r] - state.prompt
-            positions += [int(table[r, j // block]) * block + j % block for j in slots]
-            new_starts.append(new_starts[-1] + len(slots))
-            new_lens.append(length)
-        device = metadata.query_start_loc.device
-        starts_t = torch.tensor(new_starts, dtype=metadata.query_start_loc.dtype, device=device)
+                compact.append(torch.arange(len(local), device=device))
+                new_lens.append(len(local))
+                continue
+            state = self.requests.get(firsts[r])
+            history = seq_lens[r] - asked[r]
+            if state is None or len(state.kept) <= number or history < state.prompt:
+                raise RuntimeError("llmgraft token retention lost track of a request (a prompt split over "
+                                   "steps, a prefix-cache hit or a preempted request)")
+            shift = state.kept[number] - state.prompt  # position p is written at compacted index p + shift
+            rows.append(torch.arange(begin, end, device=device))
+            compact.append(torch.arange(history, seq_lens[r], device=device) + shift)
+            new_lens.append(seq_lens[r] + shift)
+        counts = torch.tensor([len(c) for c in compact], device=device)
+        owner = torch.repeat_interleave(torch.arange(len(compact), device=device), counts)
+        index = torch.cat(compact)
+        slots = metadata.block_table[owner, index // block].to(metadata.slot_mapping.dtype) * block + index % block
+        starts_t = torch.zeros(len(compact) + 1, dtype=metadata.query_start_loc.dtype, device=device)
+        starts_t[1:] = counts.cumsum(0)
         lens_t = torch.tensor(new_lens, dtype=metadata.seq_lens.dtype, device=device)
-        slots_t = torch.tensor(positions, dtype=metadata.slot_mapping.dtype, device=device)
         schedule = ops.cpu_attn_get_scheduler_metadata(
             num_reqs=len(new_lens), num_heads=impl.num_heads, num_kv_heads=impl.num_kv_heads,
             head_dim=impl.head_size, seq_lens=lens_t, dtype=self.dtype, query_start_loc=starts_t, causal=True,
             sliding_window_size=impl.sliding_window, isa=attention.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
             dynamic_causal=None, kv_cache_dtype=self.kv_dtype)
-        query_lens = [b - a for a, b in zip(new_starts, new_starts[1:])]
         new = dataclasses.replace(
-            metadata, num_actual_tokens=len(positions), max_query_len=max(query_lens, default=0),
+            metadata, num_actual_tokens=len(index), max_query_len=int(counts.max()) if len(counts) else 0,
             query_start_loc=starts_t, max_seq_len=max(new_lens, default=0), seq_lens=lens_t,
-            slot_mapping=slots_t, scheduler_metadata=schedule)
-        return torch.cat(rows), new, slots_t
+            slot_mapping=slots, scheduler_metadata=schedule)
+        return torch.cat(rows), new, slots
 
 
 def _check_engine(plan: RetentionPlan, vllm_config: Any) -> None:
