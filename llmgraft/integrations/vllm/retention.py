@@ -99,7 +99,8 @@ class _Retention:
                 continue
             if seq_lens[r] == asked[r]:  # a whole prompt in this step
                 n = end - begin
-                q = query[end - 1].view(1, impl.num_heads, 1, impl.head_size)
+                m = min(self.plan.queries, n)  # the last m prompt tokens' queries, [1, H, m, D]
+                q = query[end - m:end].view(m, impl.num_heads, impl.head_size).transpose(0, 1)[None]
                 k = keys[begin:end].view(n, impl.num_kv_heads, impl.head_size).transpose(0, 1)[None]
                 chosen = self.plan.select(layer, q, k, torch.ones(1, n, dtype=torch.bool, device=device))
                 local = chosen[0][0] if chosen is not None else torch.arange(n, device=device)
