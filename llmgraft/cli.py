@@ -236,10 +236,11 @@ def cmd_prompt_distill(args: argparse.Namespace) -> int:
     from .report import format_table
 
     stages = parse_stage_list(args.stages)
-    params = dict(_key_values(args.param))
+    params, kv_params = dict(_key_values(args.param)), dict(_key_values(args.kv_param))
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    retention = prompt_distill(model, stages=stages, method=args.method, kv_manager=args.kv_manager, **params)
+    retention = prompt_distill(model, stages=stages, method=args.method, kv_manager=args.kv_manager, params=params,
+                               kv_params=kv_params)
     text = Path(args.prompt_file).read_text()
     enc = tokenizer(text, return_tensors="pt")
     if args.max_prompt_tokens:
@@ -423,12 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     distill.add_argument("--model", required=True, help="a Llama, Qwen2 or Mistral model directory")
     distill.add_argument("--prompt-file", required=True, help="text file holding the prompt")
-    distill.add_argument("--stages", default="1:0.25", help="LAYER:KEEP pairs, comma-separated; KEEP is a ratio "
-                         "(0.25) or a token count (64)")
+    distill.add_argument("--stages", default="1:0.25", help="LAYER:KEEP pairs, comma-separated; KEEP with a "
+                         "decimal point is a ratio (0.25, 1.0), without one a token count (64; 1 means one token)")
     distill.add_argument("--method", default="prompt_distill", help="a registered attention method "
                          "(prompt_distill, gemfilter, last_k, ...)")
     distill.add_argument("--param", action="append", help="a method parameter, NAME=VALUE (repeatable)")
     distill.add_argument("--kv-manager", default="keep_kv", help="keep_kv, or truncate_kv to cut earlier layers")
+    distill.add_argument("--kv-param", action="append", help="a kv_manager parameter, NAME=VALUE (repeatable)")
     distill.add_argument("--max-prompt-tokens", type=int, help="keep only the prompt's last N tokens")
     distill.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens to generate")
     distill.set_defaults(func=cmd_prompt_distill)

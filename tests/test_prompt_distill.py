@@ -304,9 +304,10 @@ def test_unknown_method_and_parameters(code_lm):
 def test_k_covering_the_prompt_is_a_no_op_with_a_warning(code_lm, tokenizer, prompts):
     enc = _batch(tokenizer, prompts[:1])
     plain = code_lm.generate(**enc, max_new_tokens=5, do_sample=False)
-    with prompt_distill(code_lm, stages=[(1, 10_000)]) as retention, pytest.warns(UserWarning, match="whole prompt"):
+    with prompt_distill(code_lm, stages=[(1, 10_000)]) as retention, pytest.warns(UserWarning, match="every token"):
         out = code_lm.generate(**enc, max_new_tokens=5, do_sample=False)
-    assert torch.equal(plain, out) and retention.kept == []
+    assert torch.equal(plain, out)
+    assert retention.kept[0].tolist() == [list(range(enc["input_ids"].shape[1]))]  # one entry per stage
 
 
 def test_right_padding_and_unsupported_architectures(code_lm, tokenizer, prompts, tmp_path):
@@ -337,3 +338,74 @@ def test_the_model_is_restored_after_the_block(code_lm, tokenizer, prompts):
     assert torch.equal(code_lm(**enc).logits, before)
     assert hooks() == installed
     assert not any(hasattr(layer.self_attn, "_llmgraft_retention") for layer in code_lm.model.layers)
+
+
+# ------------------------------------------------------------------------------ the cases a user runs into
+def test_interleaved_prompts_keep_their_own_state(code_lm, tokenizer, prompts):
+    """Two prompts prefilled one after the other in one block, then decoded alternately: each gets what it
+    gets alone (the state follows the cache, not the last call)."""
+    a, b = (_batch(tokenizer, [p]) for p in prompts)
+    with prompt_distill(code_lm, stages=[(1, 0.3)], kv_manager="truncate_kv"):
+        alone = [code_lm.generate(**x, max_new_tokens=4, do_sample=False)[0, -4:].tolist() for x in (a, b)]
+        states = []
+        with torch.no_grad():
+            for x in (a, b):
+                out = code_lm(**x, use_cache=True)
+                states.append([out.past_key_values, [int(out.logits[0, -1].argmax())]])
+            for _ in range(3):
+                for cache_tokens in states:
+                    cache, tokens = cache_tokens
+                    out = code_lm(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+                    tokens.append(int(out.logits[0, -1].argmax()))
+    assert [tokens for _, tokens in states] == alone
+
+
+def test_sliding_window_beyond_the_window_is_refused(tokenizer, prompts):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=64, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    short = tokenizer(prompts[1][:60], return_tensors="pt")
+    assert short["input_ids"].shape[1] < 60
+    with prompt_distill(model, stages=[(1, 0.5)]):
+        model.generate(**short, max_new_tokens=2, do_sample=False)
+        with pytest.raises(ParamError, match="sliding-window"):
+            model.generate(**_batch(tokenizer, prompts[:1]), max_new_tokens=2, do_sample=False)
+
+
+def test_unsupported_calls_are_clear(code_lm, tokenizer, prompts):
+    enc = _batch(tokenizer, prompts[:1])
+    with prompt_distill(code_lm, stages=[(1, 0.3)]):
+        with pytest.raises(ParamError, match="labels"):
+            code_lm(**enc, labels=enc["input_ids"])
+        with pytest.raises(ParamError, match="dynamic cache"):
+            code_lm.generate(**enc, max_new_tokens=2, cache_implementation="static")
+        with pytest.raises(ParamError, match="already inside"), prompt_distill(code_lm, stages=[(1, 0.5)]):
+            pass
+        with pytest.warns(UserWarning, match="use_cache=False"):
+            code_lm(**enc, use_cache=False)
+
+
+def test_stage_spellings(code_lm):
+    import numpy as np
+
+    plan = prompt_distill(code_lm, stages=[{"layer": np.int64(0), "ratio": 1}, {"layer": 2, "count": 8.0}]).plan
+    assert [(s.layer, s.keep) for s in plan.stages] == [(0, 1.0), (2, 8)]
+    assert isinstance(plan.stages[0].layer, int) and isinstance(plan.stages[0].keep, float)
+    with pytest.raises(ParamError, match="one of 'count', 'ratio'"):
+        prompt_distill(code_lm, stages=[{"layer": 1, "count": 8, "ratio": 0.5}])
+    with pytest.raises(ParamError, match="nothing to cut"):
+        prompt_distill(code_lm, stages=[(1, 8)], method="gemfilter", kv_manager="truncate_kv")
+    assert prompt_distill(code_lm, stages=[(1, 8)], params={"pool": 3}).plan.params.pool == 3
+
+
+def test_a_continue_method_must_keep_the_last_token():
+    from llmgraft.hooks.families import FAMILIES
+    from llmgraft.plugins.prompt_distill import GemFilter
+
+    class Dropper(GemFilter):
+        name, mode = "dropper", "continue"
+
+    with pytest.raises(TypeError, match="must keep the last prompt token"):
+        FAMILIES["attention"].check(Dropper())

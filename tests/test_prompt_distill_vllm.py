@@ -77,6 +77,7 @@ def test_vllm_matches_transformers_token_for_token(prompts):
      "no-enable-chunked-prefill"),
     ({"stages": [[1, 0.3]], "method": "gemfilter"}, {}, "transformers"),
     ({"stages": [[3, 0.3]]}, {}, "out of range"),
+    ({"stages": [[1, 0.3]]}, {"hf_overrides": {}}, "needs llmgraft's model class"),
 ])
 def test_engine_start_errors_are_clear(settings, extra, message):
     with pytest.raises(Exception, match=message):

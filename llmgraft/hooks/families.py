@@ -169,6 +169,9 @@ class Attention(Method):
             raise TypeError(f"attention {obj.name!r}: mode must be 'continue' or 'restart', got {mode!r}")
         if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
             raise TypeError(f"attention {obj.name!r}: queries must be a positive int, got {queries!r}")
+        if mode == "continue" and not getattr(obj, "keeps_last", True):
+            raise TypeError(f"attention {obj.name!r}: a 'continue' method must keep the last prompt token "
+                            "(keeps_last = True): the next token is predicted from its state")
 
     def score(self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, params: Params) -> torch.Tensor:
         raise NotImplementedError

@@ -5,10 +5,15 @@ Settings, as the Python API, ``--additional-config`` and the CLI spell them::
 
     {"stages": [[layer, k or ratio], ...], "method": "prompt_distill", "params": {...},
      "kv_manager": "keep_kv", "kv_params": {...}}
+
+A stage's keep is a count when it is an int and a ratio when it is a float, or explicit as
+``{"layer": 1, "ratio": 0.25}`` / ``{"layer": 1, "count": 64}`` (JSON clients that write 1.0 as 1 need
+this form). A ratio is a share of the tokens the stage sees (for a later stage, the earlier one's kept).
 """
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,17 +45,29 @@ def parse_stages(stages: Any, num_layers: int) -> tuple[Stage, ...]:
     out: list[Stage] = []
     for item in stages:
         if isinstance(item, Mapping):
-            if set(item) != {"layer", "keep"}:
-                raise ParamError(f"a stage has the keys 'layer' and 'keep', got {sorted(item)}")
-            item = (item["layer"], item["keep"])
+            kinds = [k for k in ("keep", "count", "ratio") if k in item]
+            if set(item) - {"layer", "keep", "count", "ratio"} or "layer" not in item or len(kinds) != 1:
+                raise ParamError(f"a stage has the key 'layer' and one of 'count', 'ratio' (or 'keep'), got "
+                                 f"{sorted(item)}")
+            keep = item[kinds[0]]
+            if kinds[0] == "count" and isinstance(keep, numbers.Real) and not isinstance(keep, bool) and \
+                    float(keep).is_integer():
+                keep = int(keep)
+            elif kinds[0] == "ratio" and isinstance(keep, numbers.Real) and not isinstance(keep, bool):
+                keep = float(keep)
+            item = (item["layer"], keep)
         if isinstance(item, (str, bytes)) or not hasattr(item, "__len__") or len(item) != 2:
             raise ParamError(f"a stage is a (layer, k or keep ratio) pair, got {item!r}")
         layer, keep = tuple(item)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers - 1:
-            raise ParamError(f"stage layer {layer!r} is out of range: selection layers are 0..{num_layers - 2} "
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise ParamError(f"stage layer must be an int, got {layer!r}")
+        layer = int(layer)
+        if not 0 <= layer < num_layers - 1:
+            raise ParamError(f"stage layer {layer} is out of range: selection layers are 0..{num_layers - 2} "
                              f"(the model has {num_layers} layers; the last one has no later layer to save)")
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
             raise ParamError(f"stage keep must be an int count or a float ratio, got {keep!r}")
+        keep = int(keep) if isinstance(keep, numbers.Integral) else float(keep)
         if isinstance(keep, int) and keep < 1:
             raise ParamError(f"stage keep count must be >= 1, got {keep}")
         if isinstance(keep, float) and not 0.0 < keep <= 1.0:
@@ -79,6 +96,9 @@ class RetentionPlan:
         self.restart = getattr(self.method, "mode", "continue") == "restart"
         self.keeps_last = getattr(self.method, "keeps_last", True)
         self.queries = getattr(self.method, "queries", 1)
+        if self.restart and kv_manager != "keep_kv":
+            raise ParamError(f"{method!r} reruns the model on its kept tokens, so every layer's KV already holds only "
+                             f"them; kv_manager {kv_manager!r} has nothing to cut")
         if self.restart and len(self.stages) != 1:
             raise ParamError(f"{method!r} restarts from layer 0 on its kept tokens, so it takes one stage, "
                              f"got {len(self.stages)}")
@@ -113,8 +133,8 @@ class RetentionPlan:
         stage = self.at[layer]
         counts = keep_counts(valid, stage.keep, self.keeps_last)
         if isinstance(stage.keep, int) and bool((counts + int(self.keeps_last) == valid.sum(1)).all()):
-            warnings.warn(f"token retention: the stage at layer {layer} keeps {stage.keep} tokens, the whole "
-                          f"prompt ({int(valid.sum(1).max())} tokens); it selects nothing", stacklevel=3)
+            warnings.warn(f"token retention: the stage at layer {layer} keeps {stage.keep} tokens, every token it "
+                          f"sees ({int(valid.sum(1).max())}); it selects nothing", stacklevel=3)
             return None
         count = min(self.queries, query.shape[2])
         scores = self.method.score(query[:, :, -count:], keys, valid, self.params)

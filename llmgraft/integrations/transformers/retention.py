@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from transformers import DynamicCache
 
 from ...hooks import ParamError
 from ...hooks.retention import RetentionPlan
@@ -41,6 +45,12 @@ _BASES = ("sdpa", "eager")
 
 class _Stop(Exception):
     """Ends the probe pass of a "restart" method once its selection layer has scored."""
+
+
+def _refuse_labels(module, args, kwargs):
+    if kwargs.get("labels") is not None:
+        raise ParamError("token retention returns logits for the kept tokens only, so a loss over labels is "
+                         "undefined inside the block; compute it outside")
 
 
 @dataclass
@@ -78,28 +88,34 @@ class TokenRetention(contextlib.AbstractContextManager):
             raise ParamError(f"token retention supports {', '.join(SUPPORTED_MODEL_TYPES)} decoders; "
                              f"this model is {model_type!r}")
         self.model = model
+        self.window = getattr(config, "sliding_window", None)  # None unless the model uses one
         self.base_model = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.layers = list(self.base_model.layers)
         self.plan = RetentionPlan(stages, len(self.layers), method=method, params=params, kv_manager=kv_manager,
                                   kv_params=kv_params)
         self.restart = self.plan.restart
-        self._prompt: _Prompt | None = None
+        self._prompt: _Prompt | None = None      # the state of the forward that is running
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its prompt's state
+        self._warned: set[str] = set()
         self._handles: list[Any] = []
         self._saved_impl: str | None = None
         self._probing = False
 
     # ----------------------------------------------------------------------------------------- wiring
     def __enter__(self) -> TokenRetention:
+        if any(getattr(layer.self_attn, "_llmgraft_retention", None) for layer in self.layers):
+            raise ParamError("this model is already inside a token-retention block")
         impl = self.model.config._attn_implementation
         if impl not in _BASES:
             raise ParamError(f"token retention runs on the 'sdpa' or 'eager' attention implementations, "
                              f"this model uses {impl!r}")
-        if any(getattr(layer.self_attn, "_llmgraft_retention", None) for layer in self.layers):
-            raise ParamError("this model is already inside a token-retention block")
         _register_interfaces()
         self._saved_impl = impl
         _set_attn_implementation(self.model, f"llmgraft_{impl}")
         self._handles.append(self.base_model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        self._handles.append(self.base_model.register_forward_hook(self._after_model))
+        if self.model is not self.base_model:
+            self._handles.append(self.model.register_forward_pre_hook(_refuse_labels, with_kwargs=True))
         for index, layer in enumerate(self.layers):
             layer.self_attn._llmgraft_retention = self
             self._handles.append(layer.register_forward_pre_hook(
@@ -134,39 +150,80 @@ class TokenRetention(contextlib.AbstractContextManager):
     def _before_model(self, module, args, kwargs):
         if self._probing:
             return None
+        self._prompt = None
         ids, embeds = kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
         tokens = ids if ids is not None else embeds
         if tokens is None:
             return None
         cache = kwargs.get("past_key_values")
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise ParamError(f"token retention needs transformers' dynamic cache, not {type(cache).__name__} "
+                             "(leave generate's cache_implementation unset)")
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise ParamError("token retention needs a 2-D attention mask (or none), not a prepared 4-D mask")
         if cache is None or cache.get_seq_length() == 0:
-            length = tokens.shape[1]
-            valid = (mask[:, -length:] if mask is not None else torch.ones(tokens.shape[:2], dtype=torch.long,
-                                                                            device=tokens.device)).bool()
-            if not bool(valid[:, -1].all()):
-                raise ParamError("token retention needs left padding (tokenizer.padding_side = 'left'): a row's "
-                                 "last prompt position is padding")
-            self._prompt = _Prompt(length, valid, seen=length)
-            if self.restart:
-                return args, self._restart_prefill(args, kwargs, valid)
-            if mask is None and any(self.plan.truncate.values()):
-                kwargs = {**kwargs, "attention_mask": valid.long()}
-                return args, kwargs
-            return None
-        prompt = self._prompt
+            return self._start_prompt(args, kwargs, tokens, cache, mask)
+        prompt = self._states.get(cache)
         if prompt is None:
+            self._warn("foreign-cache", "token retention: this cache was filled outside the block, so nothing in "
+                       "this call is selected")
             return None
+        self._prompt = prompt
+        new = tokens.shape[1]
         prompt.prefill, prompt.sliced = False, {}
-        prompt.seen += tokens.shape[1]
+        prompt.seen += new
+        self._check_window(prompt.seen)
         if self.restart and prompt.shift is not None:
-            return args, self._restart_decode(kwargs, tokens.shape[1])
-        if mask is None and any(self.plan.truncate.values()):
-            return args, {**kwargs, "attention_mask": torch.ones(tokens.shape[0], prompt.seen, dtype=torch.long,
-                                                                 device=tokens.device)}
+            return args, self._restart_decode(kwargs, new)
+        if any(self.plan.truncate.values()):  # layer 0's cache may be shorter than the history: say how long
+            changed = {}
+            if mask is None:
+                changed["attention_mask"] = torch.ones(tokens.shape[0], prompt.seen, dtype=torch.long,
+                                                       device=tokens.device)
+            if kwargs.get("position_ids") is None:
+                changed["position_ids"] = torch.arange(prompt.seen - new, prompt.seen, device=tokens.device)[None]
+            return (args, {**kwargs, **changed}) if changed else None
         return None
+
+    def _start_prompt(self, args, kwargs, tokens, cache, mask):
+        length = tokens.shape[1]
+        self._check_window(length)
+        if cache is None and kwargs.get("use_cache") is False:
+            self._warn("no-cache", "token retention with use_cache=False: each call selects over its whole input, "
+                       "so generate(use_cache=False) selects again at every step")
+        valid = (mask[:, -length:] if mask is not None else torch.ones(tokens.shape[:2], dtype=torch.long,
+                                                                        device=tokens.device)).bool()
+        if not bool(valid[:, -1].all()):
+            raise ParamError("token retention needs left padding (tokenizer.padding_side = 'left'): a row's "
+                             "last prompt position is padding")
+        self._prompt = _Prompt(length, valid, seen=length)
+        if cache is not None:
+            self._states[cache] = self._prompt
+        if self.restart:
+            return args, self._restart_prefill(args, kwargs, valid)
+        if mask is None and any(self.plan.truncate.values()):
+            return args, {**kwargs, "attention_mask": valid.long()}
+        return None
+
+    def _after_model(self, module, args, output):
+        prompt = self._prompt
+        if prompt is None or self._probing:
+            return
+        cache = getattr(output, "past_key_values", None)
+        if prompt.prefill and cache is not None:
+            self._states[cache] = prompt  # a cache the model created itself
+        prompt.prefill, prompt.sliced, prompt.pending = False, {}, None
+
+    def _check_window(self, length: int) -> None:
+        if self.window is not None and length > self.window:
+            raise ParamError(f"token retention does not support sliding-window attention beyond the window: this "
+                             f"model attends to the last {self.window} tokens and the sequence has {length}")
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
 
     def _before_layer(self, index: int, module, args, kwargs):
         prompt = self._prompt
@@ -191,7 +248,12 @@ class TokenRetention(contextlib.AbstractContextManager):
 
     def _after_stage(self, index: int, module, args, kwargs, output):
         prompt = self._prompt
-        if prompt is None or not prompt.prefill or prompt.pending is None:
+        if prompt is None or not prompt.prefill or self.restart and not self._probing:
+            return None
+        if prompt.pending is None:  # the stage kept everything it saw
+            hidden = output[0] if isinstance(output, tuple) else output
+            every = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+            prompt.kept.append(every if prompt.rows is None else prompt.rows)
             return None
         local, prompt.pending = prompt.pending, None
         rows = local if prompt.rows is None else prompt.rows.gather(1, local)
@@ -351,8 +413,9 @@ def _mask(original):
 
 
 def prompt_distill(model, stages: Any, method: str = "prompt_distill", kv_manager: str = "keep_kv",
-                   kv_params: dict[str, Any] | None = None, **params) -> TokenRetention:
+                   params: dict[str, Any] | None = None, kv_params: dict[str, Any] | None = None,
+                   **method_params) -> TokenRetention:
     """``with prompt_distill(model, stages=[(layer, k or ratio)]): model.generate(...)``: PromptDistill (or
-    any registered ``attention`` method, with its parameters as keywords) for the block."""
-    return TokenRetention(model, stages, method=method, kv_manager=kv_manager, params=params,
-                          kv_params=kv_params)
+    any registered ``attention`` method) for the block; the method's parameters as ``params`` or keywords."""
+    return TokenRetention(model, stages, method=method, kv_manager=kv_manager,
+                          params={**(params or {}), **method_params}, kv_params=kv_params)

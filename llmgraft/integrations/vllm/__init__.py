@@ -5,22 +5,8 @@ vLLM imports this module in every engine of the environment and an import error 
 imports only what the logits-processor interface needs; samplers load lazily on first use.
 """
 
+from .models import RETENTION_ARCHITECTURES, register_models
 from .sampling import GraftSampling
-
-#: Out-of-tree model classes with token retention, by the stock architecture each one extends; select one
-#: with ``--hf-overrides '{"architectures": ["LlmgraftLlamaForCausalLM"]}'``.
-RETENTION_ARCHITECTURES = {"LlmgraftLlamaForCausalLM": "LlamaForCausalLM",
-                           "LlmgraftQwen2ForCausalLM": "Qwen2ForCausalLM",
-                           "LlmgraftMistralForCausalLM": "MistralForCausalLM"}
-
-
-def register_models() -> None:
-    """Register the token-retention model classes with vLLM, lazily (by import path): the module that
-    defines them imports vLLM's model code, which only an engine that selects one of them pays for."""
-    from vllm import ModelRegistry
-
-    for name in RETENTION_ARCHITECTURES:
-        ModelRegistry.register_model(name, f"{__name__}.retention:{name}")
 
 
 def register() -> None:

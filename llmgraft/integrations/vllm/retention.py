@@ -153,6 +153,9 @@ def _check_engine(plan: RetentionPlan, vllm_config: Any) -> None:
     if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
         raise ParamError("token retention needs prefix caching off: --no-enable-prefix-caching "
                          "(LLM(enable_prefix_caching=False))")
+    if getattr(vllm_config.model_config.hf_config, "sliding_window", None) is not None:
+        raise ParamError("token retention in vLLM does not support sliding-window attention (the window would count "
+                         "compacted positions)")
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
         raise ParamError("token retention in vLLM runs with tensor and pipeline parallel size 1")

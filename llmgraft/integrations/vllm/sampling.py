@@ -53,10 +53,28 @@ def _server_default(vllm_config: VllmConfig) -> SamplerChoice | None:
 
     extra = getattr(vllm_config, "additional_config", None) or {}
     try:
-        return parse_server_defaults(extra.get("llmgraft") if isinstance(extra, Mapping) else None)
+        section = extra.get("llmgraft") if isinstance(extra, Mapping) else None
+        _check_retention_architecture(section, vllm_config)
+        return parse_server_defaults(section)
     except LLMGraftError as exc:
         report(f"invalid --additional-config 'llmgraft' section: {exc}")
         raise
+
+
+def _check_retention_architecture(section: Any, vllm_config: VllmConfig) -> None:
+    """Token-retention settings do nothing unless the model class is one of llmgraft's: say so at start-up."""
+    from ...hooks.errors import ParamError
+    from ...hooks.retention import SETTINGS_KEY
+    from .models import RETENTION_ARCHITECTURES
+
+    if not isinstance(section, Mapping) or SETTINGS_KEY not in section:
+        return
+    model_config = getattr(vllm_config, "model_config", None)
+    architectures = list(getattr(getattr(model_config, "hf_config", None), "architectures", None) or [])
+    if not set(architectures) & set(RETENTION_ARCHITECTURES):
+        raise ParamError(f"'{SETTINGS_KEY}' needs llmgraft's model class: add --hf-overrides "
+                         f"'{{\"architectures\": [\"Llmgraft{architectures[0] if architectures else 'Llama'}\"]}}' "
+                         f"(one of {', '.join(RETENTION_ARCHITECTURES)}); this model runs {architectures}")
 
 
 def _choice_for(params: SamplingParams | None, default: SamplerChoice | None) -> SamplerChoice | None:
