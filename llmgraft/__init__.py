@@ -17,6 +17,8 @@ from .hooks import (
     LLMGraftError,
     Merger,
     Optimizer,
+    PackedTensor,
+    QuantScheme,
     ParamError,
     Params,
     PluginLoadError,
@@ -45,6 +47,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'llmgraft' has no attribute {name!r}")
 
 
-__all__ = ["AdaptedLayer", "Adapter", "AdapterState", "Attention", "KVManager", "LLMGraftError", "Merger", "Optimizer", "ParamError", "Params",
+__all__ = ["AdaptedLayer", "Adapter", "AdapterState", "Attention", "KVManager", "LLMGraftError", "Merger", "Optimizer", "PackedTensor", "ParamError", "Params", "QuantScheme",
            "PluginLoadError", "Sampler", "UnknownPluginError", "__version__", "choice", "get_registry",
            "hookimpl", "param", "per_row", "prompt_distill", "sanitize_logits_"]

@@ -18,7 +18,7 @@ from llmgraft.integrations.transformers.host import TransformersHost
 from llmgraft.testing.contracts import ContractError, check_method
 
 #: What each family's contract needs from its caller.
-CONTEXT = {"optimizer": {"host": TransformersHost()}}
+CONTEXT = {"optimizer": {"host": TransformersHost(), "params": {"quantize": {"group": 32}}}}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,10 @@ def _like(registry: Registry, family: str, name: str, **methods) -> object:
     if family == "attention":
         for attribute in ("mode", "queries", "keeps_last"):
             attributes[attribute] = getattr(original, attribute)
-    for op in ("apply", "merge", "score", "truncated_layers", "run", "init_state", "factors"):
+    if family == "quant_scheme":
+        attributes["bits"] = original.bits
+    for op in ("apply", "merge", "score", "truncated_layers", "run", "init_state", "factors", "packed_shapes",
+               "quantize", "dequantize", "prepare", "matmul"):
         if hasattr(original, op):
             attributes[op] = (lambda f: lambda self, *a: f(*a))(methods.get(op, getattr(original, op)))
     return type("Broken", bases, attributes)()
@@ -91,6 +94,15 @@ def _every_other_of_padded_tensor(query, keys, valid, params):
             ).mean(1)[:, 0] + 100.0 * (torch.arange(valid.shape[1]) % 2 == 0)
 
 
+def _transposed_scales(scheme):
+    # Scales computed per column group across rows: every row's scale depends on the other rows.
+    def quantize(weight, params):
+        stored = scheme.quantize(weight, params)
+        stored["scales"] = stored["scales"].float().mean(0, keepdim=True).expand_as(stored["scales"]).half()
+        return stored
+    return quantize
+
+
 def _write_pickle(optimizer):
     def run(src, dst, params, host):
         report = optimizer.run(src, dst, params, host)
@@ -111,6 +123,10 @@ BROKEN = [
      "shape"),
     ("kv_manager", "truncate_kv", lambda r: {"truncated_layers": lambda ls, s, n, p: (ls[s] + 1,)}, "lie in 0"),
     ("optimizer", "copy", lambda r: {"run": _write_pickle(r.get("optimizer", "copy"))}, "no pickled weights"),
+    ("quant_scheme", "w4a16", lambda r: {"matmul": lambda x, state, p: x @ torch.zeros(x.shape[-1], 48)},
+     "matmul on the prepared"),
+    ("quant_scheme", "ternary", lambda r: {"quantize": _transposed_scales(r.get("quant_scheme", "ternary"))},
+     "first rows quantize"),
     ("adapter", "plain_lora", lambda r: {"factors": lambda s, o, f, p: (o["A"], o["B"].T)}, "factors of"),
     ("adapter", "mos", lambda r: {"init_state": _unseeded_init(r.get("adapter", "mos"))}, "deterministic"),
 ]

@@ -36,7 +36,7 @@ BUILTIN_SAMPLERS = ["p_less", "top_h", "top_nsigma", "top_w"]
 
 
 def test_six_families_and_builtin_samplers():
-    assert set(FAMILIES) == {"sampler", "merger", "attention", "kv_manager", "optimizer", "adapter"}
+    assert set(FAMILIES) == {"sampler", "merger", "attention", "kv_manager", "optimizer", "adapter", "quant_scheme"}
     registry = Registry(autoload=False)
     assert registry.names("sampler") == ["p_less", "top_h", "top_nsigma", "top_w"]
     assert {registry.entries["sampler"][n].origin for n in registry.names("sampler")} == {"llmgraft"}

@@ -205,6 +205,52 @@ class Optimizer(Method):
 
 
 @dataclass(frozen=True)
+class PackedTensor:
+    """One stored tensor of a quantized [N, K] weight: its shape and dtype, and how it shards. ``per`` input
+    columns share one stored element along the input dimension (2 for two int4 codes per byte, the group
+    size for per-group scales), so a host slicing the input dimension (row-parallel layers) slices it by
+    ``per``; slicing the output dimension (column-parallel, merged q/k/v) takes the same rows."""
+
+    shape: tuple[int, int]
+    dtype: Any
+    per: int = 1
+
+
+class QuantScheme(Method):
+    """The runtime half of a weight-quantization format: how a weight [N, K] is stored, and the matmul.
+
+    * ``packed_shapes(out_features, in_features, params) -> {name: PackedTensor}``: what is stored, with
+      rows = output features (dimension 0) and columns along the input features (dimension 1);
+    * ``quantize(weight[N, K], params) -> {name: tensor}``: the stored tensors, as ``packed_shapes`` says;
+    * ``dequantize(stored, params) -> [N, K]`` float32: the weight the stored tensors stand for;
+    * ``prepare(stored, params) -> state``: once after loading, a layout for fast matmuls (may be ``stored``);
+    * ``matmul(x[..., K], state, params) -> [..., N]``: ``x @ dequantize(stored).T`` in ``x``'s dtype.
+
+    Stored tensors are plain, device-independent safetensors content; ``prepare`` may pick a per-device path
+    (torch's int4 CPU kernels, a Triton kernel on a GPU). Offline passes write them, and the vLLM and
+    transformers integrations load and multiply through these five operations alone.
+    """
+
+    #: Bits per weight of the stored codes, scales excluded (4 for W4A16, 1.25 for Sherry).
+    bits: ClassVar[float]
+
+    def packed_shapes(self, out_features: int, in_features: int, params: Params) -> dict[str, PackedTensor]:
+        raise NotImplementedError
+
+    def quantize(self, weight: torch.Tensor, params: Params) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def dequantize(self, stored: dict[str, torch.Tensor], params: Params) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, stored: dict[str, torch.Tensor], params: Params) -> Any:
+        return stored
+
+    def matmul(self, x: torch.Tensor, state: Any, params: Params) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
 class AdaptedLayer:
     """One linear layer an adapter adapts: its module name in the model, its group (the layers that share
     state: MoS's module type), its position within the group in model order, and its shape."""
@@ -345,4 +391,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("kv_manager", "llmgraft_register_kv_managers", KVManager, ("truncated_layers",)),
     Family("optimizer", "llmgraft_register_optimizers", Optimizer, ("run",)),
     Family("adapter", "llmgraft_register_adapters", Adapter, ("init_state", "factors")),
+    Family("quant_scheme", "llmgraft_register_quant_schemes", QuantScheme,
+           ("packed_shapes", "quantize", "dequantize", "matmul")),
 )}

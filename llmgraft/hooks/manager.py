@@ -33,7 +33,8 @@ from .params import Params
 ENTRY_POINT_GROUP = "llmgraft"
 BUILTIN_PLUGINS = ("llmgraft.plugins.top_h", "llmgraft.plugins.top_w", "llmgraft.plugins.top_nsigma",
                    "llmgraft.plugins.p_less", "llmgraft.plugins.mwa", "llmgraft.plugins.task_vectors",
-                   "llmgraft.plugins.mos", "llmgraft.plugins.slim_moe", "llmgraft.plugins.prompt_distill")
+                   "llmgraft.plugins.mos", "llmgraft.plugins.slim_moe", "llmgraft.plugins.prompt_distill",
+                   "llmgraft.plugins.quant")
 BUILTIN_ORIGIN = "llmgraft"
 
 

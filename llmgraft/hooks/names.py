@@ -38,3 +38,8 @@ def closest(key: str, names: Iterable[str]) -> str | None:
     """The known name ``key`` is closest to, if it is close to any."""
     candidates = [(edit_distance(key, n), n) for n in names if is_close(key, n)]
     return min(candidates)[1] if candidates else None
+
+
+def quant_method_name(scheme: str) -> str:
+    """The ``quantization_config.quant_method`` (and vLLM ``-q``) name of a quant scheme: ``llmgraft-w4a16``."""
+    return "llmgraft-" + scheme.replace("_", "-")

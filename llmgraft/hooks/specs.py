@@ -44,3 +44,8 @@ def llmgraft_register_optimizers(register):
 @hookspec
 def llmgraft_register_adapters(register):
     """Register adapter types (PEFT tuners), e.g. MoS."""
+
+
+@hookspec
+def llmgraft_register_quant_schemes(register):
+    """Register weight-quantization formats (pack, packed shapes, matmul), e.g. W4A16, Sherry ternary."""

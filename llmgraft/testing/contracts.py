@@ -261,8 +261,9 @@ def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def check_optimizer(method: Any, host: Any = None) -> None:
-    """``host``: the ``ModelHost`` the pass runs with (``TransformersHost()`` for transformers models)."""
+def check_optimizer(method: Any, host: Any = None, params: dict[str, dict[str, Any]] | None = None) -> None:
+    """``host``: the ``ModelHost`` the pass runs with (``TransformersHost()`` for transformers models);
+    ``params``: per method name, parameters that fit the contract's tiny model (hidden size 64)."""
     from .models import build_tiny_mixtral
 
     if host is None:
@@ -273,7 +274,9 @@ def check_optimizer(method: Any, host: Any = None) -> None:
         src = build_tiny_mixtral(Path(scratch) / "src")
         before = _digest(src)
         dst = Path(scratch) / "out"
-        report = method.run(src, dst, default_params(method), host)
+        values = (params or {}).get(method.name)
+        chosen = method.params_cls.from_mapping(values) if values else default_params(method)
+        report = method.run(src, dst, chosen, host)
         _require(isinstance(report, dict), method, "run returns a report dict")
         _require(_digest(src) == before, method, "the source checkpoint is left untouched")
         files = {p.name for p in dst.iterdir()} if dst.is_dir() else set()
@@ -343,6 +346,47 @@ def check_adapter(method: Any) -> None:
              "every trainable tensor gets a gradient through delta_weight")
 
 
+def check_quant_scheme(method: Any) -> None:
+    """Stored tensors as ``packed_shapes`` says; rows and whole ``per`` column blocks quantize on their own
+    (so hosts can shard either dimension); the dequantized weight is close to the original; ``matmul``
+    after ``prepare`` (and on the stored tensors) equals ``x @ dequantize(stored).T``; bfloat16 weights
+    quantize alike; the inputs are left untouched."""
+    params = default_params(method)
+    group = getattr(params, "group", 128)
+    rows, cols = 48, 4 * max(group, 32)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(rows, cols, generator=gen) * 0.05
+    original = weight.clone()
+    stored = method.quantize(weight, params)
+    _require(torch.equal(weight, original), method, "quantize does not modify the weight")
+    shapes = method.packed_shapes(rows, cols, params)
+    _require(set(stored) == set(shapes), method, f"quantize stores exactly {sorted(shapes)}")
+    for name, packed in shapes.items():
+        _require(tuple(stored[name].shape) == tuple(packed.shape) and stored[name].dtype == packed.dtype, method,
+                 f"stored {name!r} has the shape and dtype packed_shapes gives ({tuple(packed.shape)}, {packed.dtype})")
+    top = method.quantize(weight[:16], params)
+    _require(all(torch.equal(top[n], stored[n][:16]) for n in shapes), method,
+             "the first rows quantize to the first rows of every stored tensor (output-dimension sharding)")
+    half = cols // 2
+    left = method.quantize(weight[:, :half], params)
+    _require(all(torch.equal(left[n], stored[n][:, : half // p.per]) for n, p in shapes.items()), method,
+             "the first input columns quantize to the first columns / per of every stored tensor "
+             "(input-dimension sharding)")
+    dense = method.dequantize(stored, params)
+    _require(dense.shape == weight.shape and dense.dtype == torch.float32, method,
+             "dequantize returns the float32 weight")
+    error = float((dense - weight).norm() / weight.norm())
+    _require(error < 0.6, method, f"the dequantized weight is close to the original (relative error {error:.2f})")
+    x = torch.randn(3, 5, cols, generator=gen)
+    want = x @ dense.T
+    for state, label in ((method.prepare(stored, params), "prepared"), (stored, "stored")):
+        got = method.matmul(x, state, params)
+        close = torch.allclose(got.float(), want, rtol=3e-2, atol=3e-2 * float(want.abs().mean()))
+        _require(got.shape == want.shape and close, method, f"matmul on the {label} tensors is x @ dequantize(stored).T")
+    low = method.quantize(weight.bfloat16(), params)
+    _require(set(low) == set(shapes), method, "bfloat16 weights quantize too")
+
+
 CONTRACTS: dict[str, Callable[[Any], None]] = {
     "sampler": check_sampler,
     "merger": check_merger,
@@ -350,6 +394,7 @@ CONTRACTS: dict[str, Callable[[Any], None]] = {
     "kv_manager": check_kv_manager,
     "optimizer": check_optimizer,
     "adapter": check_adapter,
+    "quant_scheme": check_quant_scheme,
 }
 assert set(CONTRACTS) == set(FAMILIES), "every family needs a contract"
 

@@ -22,6 +22,9 @@ def register() -> None:
 
     install()
     register_models()
+    from .quantization import register_schemes
+
+    register_schemes()
     registry = get_registry()
     logging.getLogger("llmgraft").info(
         "llmgraft plugins: %s", ", ".join(f"{e.family}:{e.name}" for e in registry.all_entries()))

@@ -1,0 +1,116 @@
+"""Every registered llmgraft ``quant_scheme`` as a vLLM quantization method, ``llmgraft-<scheme>``.
+
+A checkpoint written by ``llmgraft quantize`` names its method in ``config.json``
+(``quantization_config.quant_method = "llmgraft-w4a16"``), so vLLM picks it up with no flag (``-q
+llmgraft-w4a16`` says the same). The linear method holds no format knowledge: its parameters are the
+scheme's ``packed_shapes`` (sharded by vLLM's loaders along the output rows, and along the input columns
+by the scheme's ``per``), and ``apply`` is the scheme's ``matmul`` on what ``prepare`` made of them after
+loading. Registered by the general plugin in every vLLM process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, UnquantizedLinearMethod,
+                                               register_weight_loader_v2_supported_method)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.parameter import GroupQuantScaleParameter, ModelWeightParameter, PackedvLLMParameter
+
+from ...hooks import get_registry
+from ...hooks.names import quant_method_name
+
+#: vLLM's fused linear layers, by the checkpoint modules they load.
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+class SchemeConfig(QuantizationConfig):
+    """A llmgraft scheme as a vLLM ``QuantizationConfig`` (subclassed once per registered scheme)."""
+
+    scheme_name: str = ""
+
+    def __init__(self, group_size: int = 128, modules: list[str] | None = None, scheme: str | None = None) -> None:
+        super().__init__()
+        self.scheme = get_registry().get("quant_scheme", scheme or self.scheme_name)
+        self.params = self.scheme.params_cls.from_mapping({"group": group_size})
+        self.modules = set(modules) if modules is not None else None
+
+    def get_name(self) -> str:
+        return quant_method_name(self.scheme_name)
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return -1
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SchemeConfig:
+        return cls(group_size=config.get("group_size", 128), modules=config.get("modules"),
+                   scheme=config.get("scheme"))
+
+    def quantized(self, prefix: str) -> bool:
+        if self.modules is None:
+            return True
+        parent, _, leaf = prefix.rpartition(".")
+        parts = [f"{parent}.{p}" for p in _FUSED.get(leaf, ())] or [prefix]
+        hits = [p in self.modules for p in parts]
+        if any(hits) and not all(hits):
+            raise ValueError(f"{prefix} fuses {parts}, which the checkpoint quantized only in part")
+        return all(hits)
+
+    def get_quant_method(self, layer, prefix: str):
+        if not isinstance(layer, LinearBase):
+            return None
+        return SchemeLinearMethod(self) if self.quantized(prefix) else UnquantizedLinearMethod()
+
+
+@register_weight_loader_v2_supported_method
+class SchemeLinearMethod(LinearMethodBase):
+    """Parameters from the scheme's ``packed_shapes``; ``apply`` is its ``matmul``."""
+
+    def __init__(self, config: SchemeConfig) -> None:
+        self.config = config
+
+    def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        scheme, params = self.config.scheme, self.config.params
+        loader = extra_weight_attrs["weight_loader"]
+        shapes = scheme.packed_shapes(sum(output_partition_sizes), input_size_per_partition, params)
+        for name, packed in shapes.items():
+            data = torch.empty(packed.shape, dtype=packed.dtype)
+            if packed.per == 1:
+                parameter = ModelWeightParameter(data=data, input_dim=1, output_dim=0, weight_loader=loader)
+            elif packed.per == getattr(params, "group", None):
+                parameter = GroupQuantScaleParameter(data=data, input_dim=1, output_dim=0, weight_loader=loader)
+            else:
+                parameter = PackedvLLMParameter(data=data, input_dim=1, output_dim=0, packed_dim=1,
+                                                packed_factor=packed.per, weight_loader=loader)
+            layer.register_parameter(name, parameter)
+        layer.llmgraft_parts = tuple(shapes)
+
+    def process_weights_after_loading(self, layer) -> None:
+        stored = {name: getattr(layer, name).data for name in layer.llmgraft_parts}
+        layer.llmgraft_state = self.config.scheme.prepare(stored, self.config.params)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.config.scheme.matmul(x, layer.llmgraft_state, self.config.params)
+        return out + bias if bias is not None else out
+
+
+def register_schemes() -> list[str]:
+    """Register ``llmgraft-<scheme>`` for every registered scheme; returns the method names."""
+    names = []
+    for scheme in get_registry().names("quant_scheme"):
+        method = quant_method_name(scheme)
+        title = "".join(part.title() for part in scheme.split("_"))
+        register_quantization_config(method)(type(f"Llmgraft{title}Config", (SchemeConfig,), {"scheme_name": scheme}))
+        names.append(method)
+    return names
