@@ -15,6 +15,8 @@
     llmgraft export-lora ADAPTER OUT  a saved MoS (any llmgraft adapter) as a plain LoRA adapter for vLLM
     llmgraft slim-moe --model M --calib FILE --stages 0.75,0.5 --tokens N --out O
                                      SlimMoE: slim every expert of an MoE model in prune + distil stages
+    llmgraft quantize --model M --scheme w4a16|ternary --out O
+                                     a checkpoint with quantized linear layers, for vLLM and transformers
     llmgraft prompt-distill --model M --prompt-file F --stages 1:0.25
                                      one prompt through transformers with and without token retention
 """
@@ -206,6 +208,26 @@ def cmd_slim_moe(args: argparse.Namespace) -> int:
         report = slim.run(Path(args.model), out, params, TransformersHost(), progress=progress)
     print(f"slimmed {report['architecture']} {report['size_key']} {report['from']} -> {report['to']} in "
           f"{len(report['stages'])} stage(s) -> {out}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .offline.merge import check_output
+
+    out = check_output(args.out, args.force, [args.model])
+    quantize = get_registry().get("optimizer", "quantize")
+    values = {"scheme": args.scheme, "group": args.group}
+    if args.modules:
+        values["modules"] = args.modules
+    params = quantize.params_cls.from_mapping(values)
+    with tqdm(desc=f"quantizing to {args.scheme}", unit="layer") as bar:
+        report = quantize.run(Path(args.model), out, params, None, progress=lambda module: bar.update(1))
+    print(f"{report['modules']} layers as {report['scheme']} (group {report['group']}): "
+          f"{report['bytes_before'] / 2**20:.2f} MiB -> {report['bytes_after'] / 2**20:.2f} MiB -> {out}")
+    for module, why in report["skipped"].items():
+        print(f"  kept in full precision: {module} ({why})")
     return 0
 
 
@@ -419,6 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
     slim.add_argument("--out", required=True, help="output model directory (written atomically)")
     slim.add_argument("--force", action="store_true", help="replace OUT if it exists")
     slim.set_defaults(func=cmd_slim_moe)
+    quant = sub.add_parser("quantize", help="write a checkpoint with its linear layers quantized (W4A16, Sherry "
+                           "ternary, ...), loadable by vLLM and transformers",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    quant.add_argument("--model", required=True, help="the model directory (safetensors)")
+    quant.add_argument("--scheme", default="w4a16", help="a registered quant_scheme (llmgraft plugins lists them)")
+    quant.add_argument("--group", type=int, default=128, help="input columns per scale (a multiple of 32)")
+    quant.add_argument("--modules", help="regex over module names to quantize (default: every *_proj in layers.N)")
+    quant.add_argument("--out", required=True, help="output model directory (written atomically)")
+    quant.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    quant.set_defaults(func=cmd_quantize)
     distill = sub.add_parser("prompt-distill", help="PromptDistill (or another token-retention method) on one "
                              "prompt with transformers, against the full model",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -62,4 +62,13 @@ class GraftLogitsProcessor(LogitsProcessor):
         return self.sampler.apply(scaled, self._stacked[key], *extra).mul_(self.temperature)
 
 
+def _register_quantizers() -> None:
+    # llmgraft-quantized checkpoints load with from_pretrained once this module is imported.
+    from .quantizer import register_schemes
+
+    register_schemes()
+
+
+_register_quantizers()
+
 __all__ = ["GraftLogitsProcessor"]
