@@ -7,6 +7,7 @@
     llmgraft demo mos                MoS against LoRA of equal trainable parameters on the code LM
     llmgraft demo slim-moe           SlimMoE on an MoE upcycled from the code LM: parameters and loss
     llmgraft demo distill            PromptDistill on the code LM in transformers and vLLM: time, KV, agreement
+    llmgraft demo quant              the code LM as W4A16 and ternary: size, loss, vLLM tokens/s
     llmgraft lab --model DIR --prompts FILE --samplers top_p,min_p,top_h,top_w,top_nsigma,p_less
                                      sweep each sampler's knob on your model: table and frontier plot
     llmgraft merge --method mwa|consensus|ties|task_arithmetic|uniform [--base B] IN... --out O
@@ -63,6 +64,11 @@ def cmd_plugins(_args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.topic == "quant":
+        from .demo_quant import run_quant_demo
+
+        run_quant_demo()
+        return 0
     if args.topic == "distill":
         from .demo_distill import run_distill_demo
 
@@ -346,10 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="compare samplers on a real vLLM engine",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("topic", nargs="?", default="top_h", choices=["top_h", "samplers", "merge", "mos", "slim-moe",
-                                                                   "distill"],
+                                                                   "distill", "quant"],
                       help="top_h: Top-H against vLLM's top-p and min-p; samplers: a quick sampler lab; merge: "
                            "fine-tunes of the code LM merged by every merger; mos: MoS against LoRA; slim-moe: "
-                           "SlimMoE on an MoE; distill: PromptDistill in transformers and vLLM")
+                           "SlimMoE on an MoE; distill: PromptDistill in transformers and vLLM; quant: W4A16 and "
+                           "ternary checkpoints in transformers and vLLM")
     demo.add_argument("--out", default="lab-demo", help="samplers topic: where the table and plot go")
     demo.add_argument("--model", help="model directory (default: the bundled code LM)")
     demo.add_argument("--samples", type=int, default=8, help="completions per prompt")

@@ -36,11 +36,15 @@ class _Scheme(QuantScheme):
         device = next(iter(stored.values())).device
         if device.type == "cpu" and kq.int4pack_supported(rows, cols, params.group):
             return self._int4pack(stored, params.group)
+        if device.type == "cuda":  # the Triton kernel unpacks in registers
+            return {"triton": {name: t.contiguous() for name, t in stored.items()}}
         return {"dense": self.dequantize(stored, params)}
 
     def matmul(self, x, state, params):
         if "int4pack" in state:
             return kq.int4pack_matmul(x, state)
+        if "triton" in state:
+            return self._triton(x, state["triton"], params.group)
         if "dense" not in state:  # stored tensors, not prepared
             state = {"dense": self.dequantize(state, params)}
         return kq.dense_matmul(x, state["dense"])
@@ -70,6 +74,11 @@ class W4A16(_Scheme):
     def _int4pack(self, stored, group):
         return kq.w4_int4pack_state(stored, group)
 
+    def _triton(self, x, stored, group):
+        from ..kernels.quant_triton import w4_matmul
+
+        return w4_matmul(x, stored, group)
+
 
 class Ternary(_Scheme):
     name = "ternary"
@@ -94,6 +103,11 @@ class Ternary(_Scheme):
 
     def _int4pack(self, stored, group):
         return kq.ternary_int4pack_state(stored, group)
+
+    def _triton(self, x, stored, group):
+        from ..kernels.quant_triton import ternary_matmul
+
+        return ternary_matmul(x, stored, group)
 
 
 #: Decoder linear layers by default: every ``*_proj`` weight inside ``layers.N`` (embeddings and the LM head

@@ -105,12 +105,27 @@ class SchemeLinearMethod(LinearMethodBase):
         return out + bias if bias is not None else out
 
 
+def _config_classes() -> dict[str, type[SchemeConfig]]:
+    """One ``SchemeConfig`` subclass per registered scheme, as attributes of this module: vLLM pickles the
+    config into its engine processes, which find the class here by name when they import this module."""
+    classes = {}
+    for scheme in get_registry().names("quant_scheme"):
+        title = "".join(part.title() for part in scheme.split("_"))
+        name = f"Llmgraft{title}Config"
+        cls = globals().get(name)
+        if cls is None:
+            cls = type(name, (SchemeConfig,), {"scheme_name": scheme, "__module__": __name__})
+            globals()[name] = cls
+        classes[quant_method_name(scheme)] = cls
+    return classes
+
+
 def register_schemes() -> list[str]:
     """Register ``llmgraft-<scheme>`` for every registered scheme; returns the method names."""
-    names = []
-    for scheme in get_registry().names("quant_scheme"):
-        method = quant_method_name(scheme)
-        title = "".join(part.title() for part in scheme.split("_"))
-        register_quantization_config(method)(type(f"Llmgraft{title}Config", (SchemeConfig,), {"scheme_name": scheme}))
-        names.append(method)
-    return names
+    classes = _config_classes()
+    for method, cls in classes.items():
+        register_quantization_config(method)(cls)
+    return list(classes)
+
+
+_config_classes()

@@ -1,0 +1,62 @@
+"""``llmgraft demo quant``: the bundled code LM quantized to W4A16 and to Sherry 1.25-bit ternary by
+``llmgraft quantize``, then loaded by transformers (held-out loss) and served by vLLM (no flag: the
+checkpoint names its method), against the dense model."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from pathlib import Path
+
+
+def run_quant_demo(scratch: str | Path | None = None) -> list[list]:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+
+    from .integrations.transformers import GraftLogitsProcessor  # noqa: F401  (registers the quantizers)
+    from .offline.checkpoints import Checkpoint
+    from .plugins.quant import Quantize, QuantizeParams
+    from .demo import PROMPTS
+    from .report import format_table
+    from .testing.code_lm import encode_corpus
+    from .testing.engine import cpu_engine
+    from .testing.models import code_lm_path, load_tokenizer
+
+    start = time.perf_counter()
+    scratch = Path(scratch or Path(os.environ.get("TMPDIR", "/tmp")) / "llmgraft-demo-quant")
+    models = {"dense (bf16)": code_lm_path()}
+    for scheme in ("w4a16", "ternary"):
+        out = scratch / scheme
+        if not (out / "config.json").is_file():
+            Quantize().run(code_lm_path(), out, QuantizeParams(scheme=scheme), None)
+        models[scheme] = out
+    stream = encode_corpus(load_tokenizer(), "heldout")
+    windows = stream[: (len(stream) // 128) * 128].view(-1, 128)[:32]
+    prompts = list(PROMPTS)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    rows, sample = [], {}
+    for label, path in models.items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            loss = sum(float(model(input_ids=w, labels=w).loss) for w in windows.split(8)) / len(windows.split(8))
+        del model
+        checkpoint = Checkpoint(path)
+        weights = sum(i.nbytes for n, i in checkpoint.tensors.items() if ".layers." in n and "norm" not in n)
+        checkpoint.close()
+        llm = cpu_engine(path, max_model_len=256)
+        llm.generate(prompts[:2], params, use_tqdm=False)
+        begin = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        rate = sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - begin)
+        sample[label] = outputs[0].outputs[0].text
+        del llm
+        gc.collect()
+        rows.append([label, f"{weights / 2**20:.2f}", f"{loss:.3f}", f"{rate:,.0f}"])
+    print(format_table(["model", "decoder-layer weights MiB", "held-out loss", "vLLM tok/s"], rows,
+                       title="The code LM, quantized after training (group 128, no recovery fine-tune)"))
+    for label, text in sample.items():
+        print(f"{label:>12}: {PROMPTS[0] + text[:60]!r}")
+    print(f"({time.perf_counter() - start:.0f} s; checkpoints in {scratch}; kernels: benchmarks/bench_quant.py)")
+    return rows
