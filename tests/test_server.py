@@ -32,7 +32,9 @@ def readme_server() -> tuple[list[str], str]:
 
 
 def _start(argv: list[str], log, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    from llmgraft.testing.server import server_env
+
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=server_env(env))
 
 
 @pytest.fixture(scope="module")

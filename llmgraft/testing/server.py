@@ -18,6 +18,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_env(env: dict) -> dict:
+    """``env`` for a vLLM server started as the first vLLM process of its tree: without the start-up report
+    file that an in-process engine of this process may have named (the server must own its report)."""
+    return {k: v for k, v in env.items() if k != "LLMGRAFT_STARTUP_REPORT"}
+
+
 @contextlib.contextmanager
 def openai_server(argv: Sequence[str], log: Path, env: dict, cwd: Path, timeout: float = 240
                   ) -> Iterator[tuple[subprocess.Popen, str]]:
@@ -27,7 +33,7 @@ def openai_server(argv: Sequence[str], log: Path, env: dict, cwd: Path, timeout:
     port = free_port()
     with open(log, "w") as out:
         proc = subprocess.Popen([*argv, "--host", "127.0.0.1", "--port", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=cwd, env=env)
+                                stderr=subprocess.STDOUT, cwd=cwd, env=server_env(env))
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout
