@@ -26,6 +26,7 @@ demo: setup
 	$(VENV)/bin/llmgraft demo mos
 	$(VENV)/bin/llmgraft demo slim-moe
 	$(VENV)/bin/llmgraft demo distill
+	$(VENV)/bin/llmgraft demo quant
 
 test: setup
 	$(PY) -m pytest -q
@@ -47,6 +48,7 @@ bench: setup
 	$(PY) benchmarks/bench_mos.py --out benchmarks/results/mos
 	$(PY) benchmarks/bench_slim_moe.py --out benchmarks/results/slim_moe
 	$(PY) benchmarks/bench_prompt_distill.py --out benchmarks/results/prompt_distill
+	$(PY) benchmarks/bench_quant.py --out benchmarks/results/quant
 
 clean:
 	rm -rf .scratch demo.png

@@ -126,7 +126,7 @@ def main() -> None:
     notes = "```\n" + format_table(
         ["model", "held-out loss", "vs dense", "linear weights"],
         [[q["model"], f"{q['loss']:.3f}", f"{q['loss'] - dense_loss:+.3f}",
-          f"{q['linear_bytes'] / 2**20:.2f} MiB" if q["linear_bytes"] else "6.50 MiB (float32)"] for q in quality_rows],
+          f"{q['linear_bytes'] / 2**20:.2f} MiB" if q["linear_bytes"] else "6.50 MiB (bfloat16)"] for q in quality_rows],
         title="The code LM quantized after training (no recovery fine-tune), group 128") + "\n```\n\n" + (
         "Ratios > 1: faster than dense bfloat16. GPU (Triton) figures: not measured here (no GPU).")
     report_results(args.out, f"Quantized matmuls on this CPU: x [M, {args.size}] @ W [{args.size}, {args.size}]^T, "

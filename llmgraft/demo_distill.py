@@ -4,6 +4,7 @@ files, in transformers and in vLLM: prefill time, KV-cache size and agreement of
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 
@@ -11,6 +12,7 @@ STAGES = [(1, 0.25)]
 
 
 def run_distill_demo(prompts: int = 24, length: int = 1000, vllm: bool = True) -> list[list]:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process: seconds to start
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 
 def run_quant_demo(scratch: str | Path | None = None) -> list[list]:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process: seconds to start
     import torch
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams

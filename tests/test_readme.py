@@ -3,6 +3,7 @@ cannot drift from what works. Each block carries a ``<!-- readme-test: ... -->``
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ from conftest import PLUGIN_INSTALL, ROOT
 from readme_blocks import block, blocks, commands
 
 HANDLED = {"make", "output of make demo", "same as make setup", "output of llmgraft plugins", "run", "mos", "mos-serve", "slim-moe",
-           "slim-moe-distributed", "output of llmgraft demo slim-moe", "output of llmgraft demo distill",
+           "slim-moe-distributed", "output of llmgraft demo slim-moe", "output of llmgraft demo distill", "quantize",
            "server", "plugin install", "run with the plugin installed", "smoke", "layout", "lab", "merge"}
 
 
@@ -97,7 +98,8 @@ SMOKE_ARGS = {"bench_top_h.py": ["--runs", "1", "--repeats", "3", "--batches", "
               "bench_mos.py": ["--quick", "--steps", "3", "--seeds", "1"],
               "bench_slim_moe.py": ["--teacher-steps", "2", "--tokens", "1024", "--targets", "0.5", "--no-vllm"],
               "bench_prompt_distill.py": ["--lengths", "256", "--repeats", "1", "--prompts", "8", "--ratios", "0.25",
-                                          "--requests", "2", "--tokens", "4"]}
+                                          "--requests", "2", "--tokens", "4"],
+              "bench_quant.py": ["--size", "512", "--rows", "1", "--repeats", "2"]}
 
 
 @pytest.mark.engine
@@ -130,6 +132,16 @@ def test_layout_lists_real_folders():
     for line in block("layout").code.splitlines():
         folder = re.split(r"\s{2,}", line)[0]
         assert (ROOT / folder).is_dir(), folder
+
+
+def test_quantize_commands_run_as_written(tmp_path):
+    for command in commands(block("quantize").code):
+        argv = command.split()
+        assert argv[:2] == ["llmgraft", "quantize"]
+        out = tmp_path / Path(argv[argv.index("--out") + 1]).name
+        argv[argv.index("--out") + 1] = str(out)
+        run([sys.executable, "-m", "llmgraft.cli", *argv[1:]])
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"].startswith("llmgraft-")
 
 
 def test_slim_moe_command_runs_as_written(tmp_path):
