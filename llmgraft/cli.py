@@ -16,7 +16,7 @@
     llmgraft export-lora ADAPTER OUT  a saved MoS (any llmgraft adapter) as a plain LoRA adapter for vLLM
     llmgraft slim-moe --model M --calib FILE --stages 0.75,0.5 --tokens N --out O
                                      SlimMoE: slim every expert of an MoE model in prune + distil stages
-    llmgraft quantize --model M --scheme w4a16|ternary --out O
+    llmgraft quantize --format w4a16|ternary --model M --out O
                                      a checkpoint with quantized linear layers, for vLLM and transformers
     llmgraft prompt-distill --model M --prompt-file F --stages 1:0.25
                                      one prompt through transformers with and without token retention
@@ -452,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "ternary, ...), loadable by vLLM and transformers",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     quant.add_argument("--model", required=True, help="the model directory (safetensors)")
-    quant.add_argument("--scheme", default="w4a16", help="a registered quant_scheme (llmgraft plugins lists them)")
+    quant.add_argument("--format", "--scheme", dest="scheme", default="w4a16",
+                       help="a registered quant_scheme: w4a16, ternary (llmgraft plugins lists them)")
     quant.add_argument("--group", type=int, default=128, help="input columns per scale (a multiple of 32)")
     quant.add_argument("--modules", help="regex over module names to quantize (default: every *_proj in layers.N)")
     quant.add_argument("--out", required=True, help="output model directory (written atomically)")

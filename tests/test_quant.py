@@ -155,9 +155,11 @@ for rows, cols, group, blocks in ((48, 256, 64, (16, 32, 64)), (40, 384, 128, (8
     for kernel, pack, unpack in ((w4_matmul, kq.quantize_w4, kq.dequantize_w4),
                                  (ternary_matmul, kq.quantize_ternary, kq.dequantize_ternary)):
         stored = pack(weight, group)
-        got, want = kernel(x, stored, group, blocks=blocks), x @ unpack(stored, group).T
-        assert got.shape == want.shape, (got.shape, want.shape)
-        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (kernel.__name__, (got - want).abs().max())
+        want = x @ unpack(stored, group).T
+        for tiles in (blocks, None):  # fixed tiles, then the autotuner's (timed on the CPU)
+            got = kernel(x, stored, group, blocks=tiles)
+            assert got.shape == want.shape, (got.shape, want.shape)
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (kernel.__name__, (got - want).abs().max())
 print("triton ok")
 """
 
@@ -170,3 +172,45 @@ def test_triton_kernels_match_the_reference_under_the_interpreter():
     pytest.importorskip("triton")
     result = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "triton ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.engine
+def test_vllm_quantizes_a_dense_checkpoint_at_load_time():
+    """``-q llmgraft-w4a16`` on the unquantized code LM: the same tokens as the checkpoint quantized offline."""
+    from vllm import SamplingParams
+
+    from llmgraft.testing.engine import cpu_engine
+
+    prompts = [{"prompt_token_ids": [5, 17, 300, 42, 99, 7]}]
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=0)
+    llm = cpu_engine(code_lm_path(), max_model_len=256, quantization="llmgraft-w4a16")
+    online = llm.generate(prompts, params)[0].outputs[0]
+    layer = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.model.layers[0].mlp.down_proj \
+        if hasattr(llm.llm_engine, "model_executor") else None
+    del llm
+    gc.collect()
+    assert layer is None or not hasattr(layer, "weight")  # the full-precision copy is gone
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Quantize().run(code_lm_path(), f"{scratch}/q", QuantizeParams(scheme="w4a16"), None) and f"{scratch}/q"
+        llm = cpu_engine(out, max_model_len=256)
+        offline = llm.generate(prompts, params)[0].outputs[0]
+        del llm
+        gc.collect()
+    assert list(online.token_ids) == list(offline.token_ids)
+
+
+def test_a_corrupted_packed_tensor_is_caught_at_load(tmp_path):
+    import llmgraft.integrations.transformers  # noqa: F401
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    Quantize().run(code_lm_path(), out, QuantizeParams(scheme="w4a16"), None)
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.qweight"
+    tensors[name] = tensors[name][:, :-1].contiguous()  # a truncated packed tensor
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Exception, match="(?i)size|shape"):
+        AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

@@ -1,14 +1,36 @@
 """Triton matmuls for the stored formats of ``kernels/quant.py``: the weight tile is unpacked in registers
 (W4A16: a nibble, its group's scale and zero point; ternary: a 5-bit block code from two planes, and its
-group's scale), so the weight is read once, in its packed size. For GPUs; on the CPU they run only under
-``TRITON_INTERPRET=1`` (set before this module is imported), which the tests use on small shapes.
+group's scale), so the weight is read once, in its packed size and never dequantized to global memory;
+tiled, with the tile shape autotuned per problem size. For GPUs; on the CPU they run only under
+``TRITON_INTERPRET=1`` (set before this module is imported), which the tests use on small shapes, with a
+wall-clock timer standing in for the autotuner's CUDA one. Not yet the default on GPUs (``prepare`` picks
+them only with ``LLMGRAFT_TRITON_QUANT=1``) until GPU figures are measured.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 import triton
 import triton.language as tl
+
+#: Tile shapes tried by the autotuner (decode-sized M first); keyed on the problem size.
+CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+           for m, n, k, w in ((16, 64, 64, 4), (16, 128, 128, 4), (32, 128, 64, 4), (64, 128, 64, 8))]
+
+
+def _cpu_bench(kernel_call, quantiles=None, **_):
+    """The autotuner's timer under TRITON_INTERPRET=1 (its default needs CUDA events): wall time in ms."""
+    start = time.perf_counter()
+    kernel_call()
+    elapsed = (time.perf_counter() - start) * 1e3
+    return [elapsed] * len(quantiles) if quantiles else elapsed
+
+
+def _autotuned(kernel):
+    interpreted = not torch.cuda.is_available()
+    return triton.autotune(configs=CONFIGS, key=["M", "N", "K"], do_bench=_cpu_bench if interpreted else None)(kernel)
 
 
 @triton.jit
@@ -66,20 +88,28 @@ def _ternary_matmul(x_ptr, lo_ptr, hi_ptr, scales_ptr, out_ptr, M, N, K, GROUP,
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
+_TUNED = {}
+
+
 def _launch(kernel, x: torch.Tensor, out_features: int, group: int, planes: list[torch.Tensor],
-            strides: list[int], blocks: tuple[int, int, int]) -> torch.Tensor:
+            strides: list[int], blocks: tuple[int, int, int] | None) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     rows, cols = flat.shape
     out = torch.empty(rows, out_features, dtype=torch.float32, device=x.device)
-    block_m, block_n, block_k = blocks
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n))
-    kernel[grid](flat, *planes, out, rows, out_features, cols, group, flat.stride(0), flat.stride(1), *strides,
-                 out.stride(0), out.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    args = (flat, *planes, out, rows, out_features, cols, group, flat.stride(0), flat.stride(1), *strides,
+            out.stride(0), out.stride(1))
+    if blocks is None:  # the autotuner picks the tile shape, once per problem size
+        tuned = _TUNED.setdefault(kernel, _autotuned(kernel))
+        tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(out_features, meta["BLOCK_N"]))](*args)
+    else:
+        block_m, block_n, block_k = blocks
+        grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n))
+        kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
 def w4_matmul(x: torch.Tensor, stored: dict[str, torch.Tensor], group: int,
-              blocks: tuple[int, int, int] = (16, 64, 64)) -> torch.Tensor:
+              blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``x @ W.T`` for W4A16 tensors (``qweight``, ``scales``, ``zeros``, contiguous)."""
     qweight, scales, zeros = (stored[n].contiguous() for n in ("qweight", "scales", "zeros"))
     return _launch(_w4_matmul, x, qweight.shape[0], group, [qweight, scales, zeros],
@@ -87,7 +117,7 @@ def w4_matmul(x: torch.Tensor, stored: dict[str, torch.Tensor], group: int,
 
 
 def ternary_matmul(x: torch.Tensor, stored: dict[str, torch.Tensor], group: int,
-                   blocks: tuple[int, int, int] = (16, 64, 64)) -> torch.Tensor:
+                   blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``x @ W.T`` for Sherry tensors (``codes_lo``, ``codes_hi``, ``scales``, contiguous)."""
     planes = [stored[n].contiguous() for n in ("codes_lo", "codes_hi", "scales")]
     return _launch(_ternary_matmul, x, planes[0].shape[0], group, planes, [p.stride(0) for p in planes], blocks)

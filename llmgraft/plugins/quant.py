@@ -4,6 +4,7 @@ writes a quantized checkpoint (``optimizer`` "quantize"). Formats and kernels: `
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,8 @@ class _Scheme(QuantScheme):
         device = next(iter(stored.values())).device
         if device.type == "cpu" and kq.int4pack_supported(rows, cols, params.group):
             return self._int4pack(stored, params.group)
-        if device.type == "cuda":  # the Triton kernel unpacks in registers
+        if device.type == "cuda" and os.environ.get("LLMGRAFT_TRITON_QUANT") == "1":
+            # Opt-in until GPU figures are measured: the Triton kernel unpacks in registers.
             return {"triton": {name: t.contiguous() for name, t in stored.items()}}
         return {"dense": self.dequantize(stored, params)}
 

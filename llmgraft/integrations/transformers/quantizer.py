@@ -36,6 +36,15 @@ class QuantLinear(nn.Module):
         self._state: Any = None
         self._state_key: tuple | None = None
 
+    def check(self, name: str) -> None:
+        """A clear error when a loaded tensor is not the shape or dtype the scheme stores (a corrupted file)."""
+        for part, packed in self.scheme.packed_shapes(self.out_features, self.in_features, self.params).items():
+            tensor = getattr(self, part)
+            if tuple(tensor.shape) != tuple(packed.shape) or tensor.dtype != packed.dtype:
+                raise ValueError(f"{name}.{part} is {tuple(tensor.shape)} {tensor.dtype}, but a {self.scheme.name} "
+                                 f"[{self.out_features}, {self.in_features}] layer stores {tuple(packed.shape)} "
+                                 f"{packed.dtype}: the checkpoint is corrupted or from another scheme/group size")
+
     def stored(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.parts}
 
@@ -87,6 +96,9 @@ class SchemeQuantizer(HfQuantizer):
             raise ValueError(f"the checkpoint quantized modules this model does not have: {sorted(wanted)[:3]}")
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        for name, module in model.named_modules():
+            if isinstance(module, QuantLinear):
+                module.check(name)
         return model
 
     def is_serializable(self, **kwargs) -> bool:

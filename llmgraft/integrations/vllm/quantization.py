@@ -19,8 +19,12 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.parameter import GroupQuantScaleParameter, ModelWeightParameter, PackedvLLMParameter
 
+import logging
+
 from ...hooks import get_registry
 from ...hooks.names import quant_method_name
+
+logger = logging.getLogger("llmgraft")
 
 #: vLLM's fused linear layers, by the checkpoint modules they load.
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -31,11 +35,15 @@ class SchemeConfig(QuantizationConfig):
 
     scheme_name: str = ""
 
-    def __init__(self, group_size: int = 128, modules: list[str] | None = None, scheme: str | None = None) -> None:
+    def __init__(self, group_size: int = 128, modules: list[str] | None = None, scheme: str | None = None,
+                 online: bool = True) -> None:
         super().__init__()
         self.scheme = get_registry().get("quant_scheme", scheme or self.scheme_name)
         self.params = self.scheme.params_cls.from_mapping({"group": group_size})
         self.modules = set(modules) if modules is not None else None
+        #: True for ``-q llmgraft-<scheme>`` on an unquantized checkpoint (vLLM then builds the config with
+        #: no arguments): full-precision weights load and are quantized after loading.
+        self.online = online
 
     def get_name(self) -> str:
         return quant_method_name(self.scheme_name)
@@ -54,7 +62,7 @@ class SchemeConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SchemeConfig:
         return cls(group_size=config.get("group_size", 128), modules=config.get("modules"),
-                   scheme=config.get("scheme"))
+                   scheme=config.get("scheme"), online=False)
 
     def quantized(self, prefix: str) -> bool:
         if self.modules is None:
@@ -83,7 +91,14 @@ class SchemeLinearMethod(LinearMethodBase):
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:
         scheme, params = self.config.scheme, self.config.params
         loader = extra_weight_attrs["weight_loader"]
-        shapes = scheme.packed_shapes(sum(output_partition_sizes), input_size_per_partition, params)
+        rows = sum(output_partition_sizes)
+        if self.config.online:  # load the full-precision weight; quantized in process_weights_after_loading
+            layer.register_parameter("weight", ModelWeightParameter(
+                data=torch.empty(rows, input_size_per_partition, dtype=params_dtype), input_dim=1, output_dim=0,
+                weight_loader=loader))
+            layer.llmgraft_parts = None
+            return
+        shapes = scheme.packed_shapes(rows, input_size_per_partition, params)
         for name, packed in shapes.items():
             data = torch.empty(packed.shape, dtype=packed.dtype)
             if packed.per == 1:
@@ -97,10 +112,24 @@ class SchemeLinearMethod(LinearMethodBase):
         layer.llmgraft_parts = tuple(shapes)
 
     def process_weights_after_loading(self, layer) -> None:
+        scheme, params = self.config.scheme, self.config.params
+        if layer.llmgraft_parts is None:
+            weight = layer.weight.data
+            try:
+                stored = scheme.quantize(weight, params)
+            except ValueError as exc:  # a shape the scheme cannot store: this layer stays in full precision
+                logger.warning("llmgraft: %s left unquantized (%s)", type(layer).__name__, exc)
+                layer.llmgraft_state = None
+                return
+            layer.llmgraft_state = scheme.prepare(stored, params)
+            del layer.weight  # the full-precision copy is no longer needed
+            return
         stored = {name: getattr(layer, name).data for name in layer.llmgraft_parts}
-        layer.llmgraft_state = self.config.scheme.prepare(stored, self.config.params)
+        layer.llmgraft_state = scheme.prepare(stored, params)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.llmgraft_state is None:  # left in full precision
+            return torch.nn.functional.linear(x, layer.weight.to(x.dtype), bias)
         out = self.config.scheme.matmul(x, layer.llmgraft_state, self.config.params)
         return out + bias if bias is not None else out
 
