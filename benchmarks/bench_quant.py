@@ -1,18 +1,21 @@
 """Quantized matmuls on the CPU, and what quantization costs the bundled code LM.
 
-    python benchmarks/bench_quant.py [--size 4096] [--rows 1 8 32] [--repeats 20] [--out PREFIX]
+    python benchmarks/bench_quant.py [--sizes 2048 4096] [--rows 1 8 64] [--repeats 20] [--out PREFIX]
 
-**Kernels**: ``x [M, size] @ W.T`` with W [size, size], group 128, interleaved, median of ``--repeats``:
+**Kernels**: ``x [M, K] @ W.T`` with W [K, K] (K = N in ``--sizes``), group 128, interleaved, median of
+``--repeats``:
 dense float32 and bfloat16 (torch), W4A16 and ternary through torch's CPU int4 kernel (llmgraft's path), and
 W4A16 through vLLM's ``cpu_gemm_wna16`` (its AWQ/GPTQ CPU kernel, bfloat16), the alternative the issue
-asks to compare. Ratios are against dense bfloat16 measured in the same run. **Quality**: held-out loss of
-the code LM (the held-out stdlib packages, 48 windows of 128 tokens) dense, W4A16 and ternary (post-training,
-no recovery fine-tune), with each model's linear-weight bytes.
+asks to compare. Ratios are against dense bfloat16 measured in the same run. **Model**: the code LM dense
+(its bf16 checkpoint), W4A16 and ternary (post-training, no recovery fine-tune): linear-weight and whole-
+checkpoint bytes, held-out perplexity (the held-out stdlib packages, 48 windows of 128 tokens) and vLLM
+decode tokens/s (bfloat16 engines, 16 requests x 64 tokens, best of 3).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 from pathlib import Path
@@ -76,7 +79,47 @@ def _vllm_wna16(stored, group):
     return run
 
 
-def quality():
+def decode_rate(path) -> float:
+    import gc
+    import os
+    import time
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import SamplingParams
+
+    from llmgraft.demo import PROMPTS
+    from llmgraft.testing.engine import cpu_engine
+
+    llm = cpu_engine(path, max_model_len=256, dtype="bfloat16")
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    prompts = (list(PROMPTS) * 2)[:16]
+    llm.generate(prompts[:2], params, use_tqdm=False)
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        out = llm.generate(prompts, params, use_tqdm=False)
+        best = max(best, sum(len(o.outputs[0].token_ids) for o in out) / (time.perf_counter() - start))
+    del llm
+    gc.collect()
+    return best
+
+
+def report_dense(path) -> int:
+    """Bytes of the linear weights that the quantize pass would convert, in the dense checkpoint."""
+    import re
+
+    from llmgraft.offline.checkpoints import Checkpoint
+    from llmgraft.plugins.quant import DEFAULT_MODULES
+
+    checkpoint = Checkpoint(path)
+    try:
+        return sum(i.nbytes for n, i in checkpoint.tensors.items()
+                   if n.endswith(".weight") and re.search(DEFAULT_MODULES, n[: -len(".weight")]))
+    finally:
+        checkpoint.close()
+
+
+def quality(vllm: bool = True):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -89,7 +132,7 @@ def quality():
     windows = stream[: (len(stream) // 128) * 128].view(-1, 128)[:48]
     results = []
     with tempfile.TemporaryDirectory() as scratch:
-        models = {"dense (float32)": (code_lm_path(), None)}
+        models = {"dense (bf16)": (code_lm_path(), None)}
         for scheme in ("w4a16", "ternary"):
             report = Quantize().run(code_lm_path(), Path(scratch) / scheme, QuantizeParams(scheme=scheme), None)
             models[scheme] = (Path(scratch) / scheme, report)
@@ -97,40 +140,45 @@ def quality():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
             with torch.no_grad():
                 loss = sum(float(model(input_ids=w, labels=w).loss) for w in windows.split(8)) / len(windows.split(8))
-            size = report["bytes_after"] if report else None
-            results.append({"model": label, "loss": loss, "linear_bytes": size})
+            size = report["bytes_after"] if report else report_dense(path)
+            files = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+            results.append({"model": label, "loss": loss, "perplexity": math.exp(loss), "linear_bytes": size,
+                            "checkpoint_bytes": files, "decode_tok_s": decode_rate(path) if vllm else None})
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM decode rates")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", help="write <out>.md and <out>.json")
     args = parser.parse_args()
 
     from llmgraft.report import format_table, report_results
 
-    kernel_rows = kernels(args.size, args.rows, args.repeats)
+    kernel_rows = [{**r, "size": size} for size in args.sizes for r in kernels(size, args.rows, args.repeats)]
     names = list(kernel_rows[0]["ms"])
-    headers = ["M"] + [f"{n} ms" for n in names] + ["w4a16 vs bf16", "ternary vs bf16"]
+    headers = ["K = N", "M"] + [f"{n} ms" for n in names] + ["w4a16 vs bf16", "ternary vs bf16"]
     rows = []
     for r in kernel_rows:
         ms = r["ms"]
-        rows.append([r["rows"], *(f"{ms[n]:.3f}" for n in names),
+        rows.append([r["size"], r["rows"], *(f"{ms[n]:.3f}" for n in names),
                      f"{ms['dense bf16'] / ms['w4a16 (torch int4)']:.2f}x",
                      f"{ms['dense bf16'] / ms['ternary (torch int4)']:.2f}x"])
-    quality_rows = quality()
-    dense_loss = quality_rows[0]["loss"]
+    quality_rows = quality(vllm=not args.no_vllm)
+    dense = quality_rows[0]
     notes = "```\n" + format_table(
-        ["model", "held-out loss", "vs dense", "linear weights"],
-        [[q["model"], f"{q['loss']:.3f}", f"{q['loss'] - dense_loss:+.3f}",
-          f"{q['linear_bytes'] / 2**20:.2f} MiB" if q["linear_bytes"] else "6.50 MiB (bfloat16)"] for q in quality_rows],
+        ["model", "linear weights", "vs bf16", "checkpoint", "held-out perplexity", "vs bf16", "vLLM decode tok/s"],
+        [[q["model"], f"{q['linear_bytes'] / 2**20:.2f} MiB", f"{q['linear_bytes'] / dense['linear_bytes']:.3f}x",
+          f"{q['checkpoint_bytes'] / 2**20:.2f} MiB", f"{q['perplexity']:.2f}",
+          f"{q['perplexity'] / dense['perplexity'] - 1:+.1%}",
+          f"{q['decode_tok_s']:,.0f}" if q["decode_tok_s"] else ""] for q in quality_rows],
         title="The code LM quantized after training (no recovery fine-tune), group 128") + "\n```\n\n" + (
         "Ratios > 1: faster than dense bfloat16. GPU (Triton) figures: not measured here (no GPU).")
-    report_results(args.out, f"Quantized matmuls on this CPU: x [M, {args.size}] @ W [{args.size}, {args.size}]^T, "
-                   f"group 128, median of {args.repeats}", headers, rows, notes=notes,
+    report_results(args.out, f"Quantized matmuls on this CPU: x [M, K] @ W [K, K]^T, group 128, median of "
+                   f"{args.repeats}", headers, rows, notes=notes,
                    data={"kernels": kernel_rows, "quality": quality_rows})
 
 

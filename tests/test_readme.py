@@ -99,7 +99,7 @@ SMOKE_ARGS = {"bench_top_h.py": ["--runs", "1", "--repeats", "3", "--batches", "
               "bench_slim_moe.py": ["--teacher-steps", "2", "--tokens", "1024", "--targets", "0.5", "--no-vllm"],
               "bench_prompt_distill.py": ["--lengths", "256", "--repeats", "1", "--prompts", "8", "--ratios", "0.25",
                                           "--requests", "2", "--tokens", "4"],
-              "bench_quant.py": ["--size", "512", "--rows", "1", "--repeats", "2"]}
+              "bench_quant.py": ["--sizes", "512", "--rows", "1", "--repeats", "2", "--no-vllm"]}
 
 
 @pytest.mark.engine
