@@ -34,6 +34,19 @@ def _autotuned(kernel):
 
 
 @triton.jit
+def _x_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk):
+    """The activations' [BLOCK_M, BLOCK_K] tile, zero outside the matrix."""
+    return tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                   mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_tile(out_ptr, acc, rm, rn, M, N, stride_om, stride_on):
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc,
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
 def _w4_matmul(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, GROUP,
                stride_xm, stride_xk, stride_qn, stride_sn, stride_om, stride_on,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -43,19 +56,16 @@ def _w4_matmul(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, GROU
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        in_k = rk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm < M)[:, None] & in_k[None, :], other=0.0)
-        tile = (rn < N)[None, :] & in_k[:, None]                                   # [BLOCK_K, BLOCK_N]
+        x = _x_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+        tile = (rn < N)[None, :] & (rk < K)[:, None]                               # [BLOCK_K, BLOCK_N]
         byte = tl.load(qweight_ptr + rn[None, :] * stride_qn + (rk // 2)[:, None], mask=tile, other=0)
         q = ((byte.to(tl.int32) >> ((rk % 2) * 4)[:, None]) & 15).to(tl.float32)
         group = (rk // GROUP)[:, None]
         scale = tl.load(scales_ptr + rn[None, :] * stride_sn + group, mask=tile, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + rn[None, :] * stride_sn + group, mask=tile, other=0).to(tl.float32)
         weight = (q - zero) * scale
-        acc += tl.dot(x.to(tl.float32), weight)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc,
-             mask=(rm < M)[:, None] & (rn < N)[None, :])
+        acc += tl.dot(x, weight)
+    _store_tile(out_ptr, acc, rm, rn, M, N, stride_om, stride_on)
 
 
 @triton.jit
@@ -68,10 +78,8 @@ def _ternary_matmul(x_ptr, lo_ptr, hi_ptr, scales_ptr, out_ptr, M, N, K, GROUP,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        in_k = rk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm < M)[:, None] & in_k[None, :], other=0.0)
-        tile = (rn < N)[None, :] & in_k[:, None]
+        x = _x_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+        tile = (rn < N)[None, :] & (rk < K)[:, None]
         block = rk // 4
         low = tl.load(lo_ptr + rn[None, :] * stride_lo + (block // 2)[:, None], mask=tile, other=0).to(tl.int32)
         high = tl.load(hi_ptr + rn[None, :] * stride_hi + (block // 8)[:, None], mask=tile, other=0).to(tl.int32)
@@ -83,9 +91,8 @@ def _ternary_matmul(x_ptr, lo_ptr, hi_ptr, scales_ptr, out_ptr, M, N, K, GROUP,
         value = tl.where(position == zero_at, 0.0, 1.0 - 2.0 * negative.to(tl.float32))
         scale = tl.load(scales_ptr + rn[None, :] * stride_sn + (rk // GROUP)[:, None], mask=tile,
                         other=0.0).to(tl.float32)
-        acc += tl.dot(x.to(tl.float32), value * scale)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc,
-             mask=(rm < M)[:, None] & (rn < N)[None, :])
+        acc += tl.dot(x, value * scale)
+    _store_tile(out_ptr, acc, rm, rn, M, N, stride_om, stride_on)
 
 
 _TUNED = {}

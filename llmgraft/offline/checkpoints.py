@@ -261,3 +261,20 @@ def copy_side_files(checkpoint: Checkpoint, directory: Path, skip: Iterable[str]
     for path in checkpoint.side_files():
         if path.name not in skip:
             shutil.copy2(path, directory / path.name)
+
+
+def write_checkpoint(source: Checkpoint, dst: str | Path, plan: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                     tensors: Iterable[tuple[str, torch.Tensor]], config: dict) -> None:
+    """Write a model directory atomically: the ``plan``'s tensors as ``tensors`` yields them (in plan order,
+    one at a time), ``config`` as config.json, and ``source``'s other side files (tokenizer, ...)."""
+    import json
+
+    from ..io import atomic_directory
+
+    with atomic_directory(dst) as tmp:
+        writer = ShardWriter(tmp, plan)
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+        writer.close()
+        copy_side_files(source, tmp, skip={"config.json"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

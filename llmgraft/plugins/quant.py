@@ -132,8 +132,7 @@ class Quantize(Optimizer):
     params_cls = QuantizeParams
 
     def run(self, src, dst, params, host=None, progress=None) -> dict[str, Any]:
-        from ..io import atomic_directory
-        from ..offline.checkpoints import Checkpoint, ShardWriter, copy_side_files
+        from ..offline.checkpoints import Checkpoint, write_checkpoint
 
         scheme = get_registry().get("quant_scheme", params.scheme)
         scheme_params = scheme.params_cls.from_mapping({"group": params.group})
@@ -164,28 +163,27 @@ class Quantize(Optimizer):
                                  f"{scheme.name} with group {params.group}{why}")
             config["quantization_config"] = {"quant_method": quant_method_name(scheme.name), "scheme": scheme.name,
                                              "group_size": params.group, "modules": quantized}
-            before = after = 0
-            with atomic_directory(dst) as tmp:
-                writer = ShardWriter(tmp, plan)
-                for name, info in checkpoint.tensors.items():
+            sizes = {"before": 0, "after": 0}
+
+            def converted():
+                for name in checkpoint.tensors:
                     tensor = checkpoint.read(name)
                     module = name[: -len(".weight")] if name.endswith(".weight") else None
-                    if module in quantized:
-                        before += tensor.numel() * tensor.element_size()
-                        for part, value in scheme.quantize(tensor, scheme_params).items():
-                            writer.write(f"{module}.{part}", value)
-                            after += value.numel() * value.element_size()
-                        if progress is not None:
-                            progress(module)
-                    else:
-                        writer.write(name, tensor)
-                writer.close()
-                copy_side_files(checkpoint, tmp, skip={"config.json"})
-                (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+                    if module not in quantized:
+                        yield name, tensor
+                        continue
+                    sizes["before"] += tensor.numel() * tensor.element_size()
+                    for part, value in scheme.quantize(tensor, scheme_params).items():
+                        sizes["after"] += value.numel() * value.element_size()
+                        yield f"{module}.{part}", value
+                    if progress is not None:
+                        progress(module)
+
+            write_checkpoint(checkpoint, dst, plan, converted(), config)
         finally:
             checkpoint.close()
         return {"scheme": scheme.name, "group": params.group, "modules": len(quantized), "skipped": skipped,
-                "bytes_before": before, "bytes_after": after}
+                "bytes_before": sizes["before"], "bytes_after": sizes["after"]}
 
 
 @hookimpl

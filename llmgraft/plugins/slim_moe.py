@@ -40,7 +40,7 @@ import torch
 
 from ..hooks import CheckpointError, Optimizer, ParamError, Params, choice, hookimpl, param
 from ..io import atomic_directory
-from ..offline.checkpoints import Checkpoint, ShardWriter, copy_side_files
+from ..offline.checkpoints import Checkpoint, write_checkpoint
 
 
 @dataclass(frozen=True)
@@ -211,17 +211,15 @@ def prune_checkpoint(src: Path, dst: Path, arch: MoEArchitecture, keep: dict[tup
                     cut[name] = (rows, axis)
                     shape[axis] = len(rows)
             plan.append((name, info.dtype, tuple(shape)))
-        with atomic_directory(dst) as tmp:
-            writer = ShardWriter(tmp, plan)
+        def pruned():
             for name, _, _ in plan:
                 tensor = checkpoint.read(name)
                 if name in cut:
                     index, axis = cut[name]
                     tensor = tensor.index_select(axis, index)
-                writer.write(name, tensor)
-            writer.close()
-            copy_side_files(checkpoint, tmp, skip={"config.json"})
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+                yield name, tensor
+
+        write_checkpoint(checkpoint, dst, plan, pruned(), config)
     finally:
         checkpoint.close()
 
