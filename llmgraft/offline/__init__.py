@@ -1,2 +1,3 @@
-"""Offline tools over checkpoints on disk (merging today; slimming and quantization reuse the same reader and
-writer). No host framework: safetensors in, safetensors out, written atomically."""
+"""Offline tools over checkpoints on disk: a streaming safetensors reader and shard writer (used by merging,
+SlimMoE pruning and quantization) and the merge driver. No host framework: safetensors in, safetensors
+out, written atomically."""
