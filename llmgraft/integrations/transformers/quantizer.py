@@ -29,9 +29,10 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.scheme, self.params = scheme, params
         self.in_features, self.out_features = in_features, out_features
-        for name, packed in scheme.packed_shapes(out_features, in_features, params).items():
+        shapes = scheme.packed_shapes(out_features, in_features, params)
+        for name, packed in shapes.items():
             self.register_buffer(name, torch.empty(packed.shape, dtype=packed.dtype))
-        self.parts = tuple(scheme.packed_shapes(out_features, in_features, params))
+        self.parts = tuple(shapes)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self._state: Any = None
         self._state_key: tuple | None = None
