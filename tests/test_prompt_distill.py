@@ -301,13 +301,17 @@ def test_unknown_method_and_parameters(code_lm):
         prompt_distill(code_lm, stages=[(0, 10), (1, 5)], method="gemfilter")
 
 
-def test_k_covering_the_prompt_is_a_no_op_with_a_warning(code_lm, tokenizer, prompts):
+@pytest.mark.parametrize("method", ["prompt_distill", "gemfilter", "last_k"])
+def test_k_covering_the_prompt_is_a_no_op_with_a_warning(code_lm, tokenizer, prompts, method):
     enc = _batch(tokenizer, prompts[:1])
+    length = enc["input_ids"].shape[1]
     plain = code_lm.generate(**enc, max_new_tokens=5, do_sample=False)
-    with prompt_distill(code_lm, stages=[(1, 10_000)]) as retention, pytest.warns(UserWarning, match="every token"):
-        out = code_lm.generate(**enc, max_new_tokens=5, do_sample=False)
-    assert torch.equal(plain, out)
-    assert retention.kept[0].tolist() == [list(range(enc["input_ids"].shape[1]))]  # one entry per stage
+    for k in (length, 10_000):
+        with prompt_distill(code_lm, stages=[(1, k)], method=method) as retention, \
+                pytest.warns(UserWarning, match="every token"):
+            out = code_lm.generate(**enc, max_new_tokens=5, do_sample=False)
+        assert torch.equal(plain, out)
+        assert retention.kept[0].tolist() == [list(range(length))]  # one entry per stage
 
 
 def test_right_padding_and_unsupported_architectures(code_lm, tokenizer, prompts, tmp_path):

@@ -254,6 +254,8 @@ class TokenRetention(contextlib.AbstractContextManager):
             hidden = output[0] if isinstance(output, tuple) else output
             every = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
             prompt.kept.append(every if prompt.rows is None else prompt.rows)
+            if self._probing and index == max(self.plan.at):
+                raise _Stop  # the probe has nothing left to select
             return None
         local, prompt.pending = prompt.pending, None
         rows = local if prompt.rows is None else prompt.rows.gather(1, local)
@@ -326,9 +328,9 @@ class TokenRetention(contextlib.AbstractContextManager):
             pass
         finally:
             self._probing = False
-        if not prompt.kept:
-            return kwargs  # the stage selected nothing (k covers the prompt)
         rows = prompt.rows
+        if rows is None:
+            return kwargs  # every stage kept the whole prompt (k covers it): run it as it is
         kept_valid = valid.gather(1, rows)
         prompt.kept_valid, prompt.shift = kept_valid, valid.sum(1) - kept_valid.sum(1)
         prompt.rows = None
