@@ -10,7 +10,7 @@ import torch
 
 from llmgraft.testing.corpus import read_texts, stdlib_files
 from llmgraft.testing.engine import cpu_engine
-from llmgraft.testing.models import code_lm_path, load_tokenizer
+from llmgraft.testing.models import build_tiny_decoder, code_lm_path, load_tokenizer
 
 pytestmark = pytest.mark.engine
 
@@ -51,17 +51,23 @@ def _hf_reference(model_dir, prompts, stages):
     return out
 
 
-def test_vllm_matches_transformers_token_for_token(prompts):
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_vllm_matches_transformers_token_for_token(prompts, model_type, tmp_path_factory):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # The trained code LM is a Llama; Qwen2 (with its q/k/v biases) and Mistral run random grouped-query models.
+    model = code_lm_path() if model_type == "llama" else \
+        build_tiny_decoder(tmp_path_factory.mktemp(model_type) / "model", model_type)
+    architecture = {"llama": "LlmgraftLlamaForCausalLM", "qwen2": "LlmgraftQwen2ForCausalLM",
+                    "mistral": "LlmgraftMistralForCausalLM"}[model_type]
     # max_num_seqs=3 for 6 prompts: later prompts prefill in the same steps as earlier ones decode.
-    llm = _engine(code_lm_path(), "LlmgraftLlamaForCausalLM", {"stages": STAGES}, max_num_seqs=3)
+    llm = _engine(model, architecture, {"stages": STAGES}, max_num_seqs=3)
     params = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=0)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
     del llm
     gc.collect()
-    reference = _hf_reference(code_lm_path(), prompts, STAGES)
+    reference = _hf_reference(model, prompts, STAGES)
     differs_from_full = 0
     for output, (tokens, logprobs, plain) in zip(outputs, reference):
         completion = output.outputs[0]
@@ -77,9 +83,27 @@ def test_vllm_matches_transformers_token_for_token(prompts):
      "no-enable-chunked-prefill"),
     ({"stages": [[1, 0.3]], "method": "gemfilter"}, {}, "transformers"),
     ({"stages": [[3, 0.3]]}, {}, "out of range"),
-    ({"stages": [[1, 0.3]]}, {"hf_overrides": {}}, "needs llmgraft's model class"),
+    ({"stages": [[1, 0.3]]}, {"hf_overrides": {}}, "needs llmgraft's model class.*LlmgraftLlamaForCausalLM"),
 ])
 def test_engine_start_errors_are_clear(settings, extra, message):
     with pytest.raises(Exception, match=message):
         _engine(code_lm_path(), "LlmgraftLlamaForCausalLM", settings, **extra)
     gc.collect()
+
+
+def test_unsupported_architectures_are_named_at_start_up():
+    from types import SimpleNamespace
+
+    from llmgraft.hooks.errors import ParamError
+    from llmgraft.integrations.vllm.sampling import _check_retention_architecture
+
+    def config(*architectures):
+        return SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace(architectures=architectures)))
+
+    section = {"prompt_distill": {"stages": [[1, 0.3]]}}
+    with pytest.raises(ParamError, match=r'\["LlmgraftQwen2ForCausalLM"\]'):
+        _check_retention_architecture(section, config("Qwen2ForCausalLM"))
+    with pytest.raises(ParamError, match="supports .*this model runs \\['GPT2LMHeadModel'\\]"):
+        _check_retention_architecture(section, config("GPT2LMHeadModel"))
+    _check_retention_architecture(section, config("LlmgraftMistralForCausalLM"))
+    _check_retention_architecture({}, config("GPT2LMHeadModel"))  # no retention settings: nothing to check

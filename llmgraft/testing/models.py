@@ -85,6 +85,22 @@ def build_tiny_llama(out_dir: str | Path, seed: int = 0) -> Path:
     return save_model_dir(_seeded(LlamaForCausalLM, cfg, seed), tok, Path(out_dir))
 
 
+def build_tiny_decoder(out_dir: str | Path, model_type: str, seed: int = 0) -> Path:
+    """Random-weight 4-layer Qwen2 or Mistral decoder (head_dim 32, grouped-query: 2 heads share 1 KV head)
+    on the bundled tokenizer: the other architectures token retention supports beside Llama."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+    if model_type not in classes:
+        raise ValueError(f"build_tiny_decoder builds {sorted(classes)}, not {model_type!r}")
+    config_cls, model_cls = classes[model_type]
+    tok = load_tokenizer()
+    cfg = config_cls(vocab_size=len(tok), hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                     num_key_value_heads=1, intermediate_size=128, max_position_embeddings=1024, sliding_window=None,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    return save_model_dir(_seeded(model_cls, cfg, seed), tok, Path(out_dir))
+
+
 def build_tiny_mixtral(out_dir: str | Path, seed: int = 0) -> Path:
     """Random-weight 2-layer Mixtral with 4 experts (top-2) on the bundled tokenizer."""
     from transformers import MixtralConfig, MixtralForCausalLM

@@ -71,10 +71,14 @@ def _check_retention_architecture(section: Any, vllm_config: VllmConfig) -> None
         return
     model_config = getattr(vllm_config, "model_config", None)
     architectures = list(getattr(getattr(model_config, "hf_config", None), "architectures", None) or [])
-    if not set(architectures) & set(RETENTION_ARCHITECTURES):
-        raise ParamError(f"'{SETTINGS_KEY}' needs llmgraft's model class: add --hf-overrides "
-                         f"'{{\"architectures\": [\"Llmgraft{architectures[0] if architectures else 'Llama'}\"]}}' "
-                         f"(one of {', '.join(RETENTION_ARCHITECTURES)}); this model runs {architectures}")
+    if set(architectures) & set(RETENTION_ARCHITECTURES):
+        return
+    ours = [f"Llmgraft{a}" for a in architectures if f"Llmgraft{a}" in RETENTION_ARCHITECTURES]
+    if not ours:
+        raise ParamError(f"'{SETTINGS_KEY}' supports {', '.join(RETENTION_ARCHITECTURES)} (Llama, Qwen2 and "
+                         f"Mistral decoders); this model runs {architectures}")
+    raise ParamError(f"'{SETTINGS_KEY}' needs llmgraft's model class: add --hf-overrides "
+                     f"'{{\"architectures\": [\"{ours[0]}\"]}}'; this model runs {architectures}")
 
 
 def _choice_for(params: SamplingParams | None, default: SamplerChoice | None) -> SamplerChoice | None:
