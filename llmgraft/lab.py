@@ -112,6 +112,12 @@ def check_model_dir(model: str | Path) -> Path:
     if not (path / "config.json").is_file():
         raise LLMGraftError(f"model directory {str(path)!r} has no config.json (a Hugging Face model directory "
                             "with safetensors weights is expected)")
+    if not any(path.glob("*.safetensors")):
+        raise LLMGraftError(f"model directory {str(path)!r} has no *.safetensors weights (the lab loads "
+                            "safetensors only; re-save the model with save_pretrained(safe_serialization=True))")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise LLMGraftError(f"model directory {str(path)!r} has no tokenizer (tokenizer.json or "
+                            "tokenizer_config.json): save the tokenizer beside the model")
     return path
 
 

@@ -42,6 +42,14 @@ def test_lab_bad_input_is_one_line(tmp_path):
     assert run_failing("lab", "--model", str(tmp_path), "--prompts", str(prompts)) == (
         f"llmgraft: error: model directory '{tmp_path}' has no config.json (a Hugging Face model "
         "directory with safetensors weights is expected)")
+    (tmp_path / "config.json").write_text("{}")
+    assert run_failing("lab", "--model", str(tmp_path), "--prompts", str(prompts)) == (
+        f"llmgraft: error: model directory '{tmp_path}' has no *.safetensors weights (the lab loads safetensors "
+        "only; re-save the model with save_pretrained(safe_serialization=True))")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert run_failing("lab", "--model", str(tmp_path), "--prompts", str(prompts)) == (
+        f"llmgraft: error: model directory '{tmp_path}' has no tokenizer (tokenizer.json or tokenizer_config.json): "
+        "save the tokenizer beside the model")
     assert run_failing("lab", "--model", model, "--prompts", str(prompts), "--samplers", ",") == (
         "llmgraft: error: no sampler to sweep (--samplers is empty)")
     assert run_failing("lab", "--model", model, "--prompts", str(prompts), "--temperature", "0").startswith(

@@ -346,7 +346,7 @@ def test_bare_parameters_are_read_once_a_sampler_is_selected(plugin_site):
     ({"top_h": True}, "must be a number"),
     ({"top_h_alpah": 0.3}, "unknown parameter.*did you mean 'alpha'"),
     ({"top_h_variant": "official"}, "must be one of reference, hf, paper"),
-    ({"llmgraft_sampler": "top_x"}, "no sampler named 'top_x'"),
+    ({"llmgraft_sampler": "top_x"}, "llmgraft_sampler: no sampler named 'top_x'"),
     ({"llmgraft_sampler": 3}, "must be a sampler name"),
     ({"llmgraft_samplr": "top_h"}, "unknown llmgraft request field 'llmgraft_samplr'"),
     ({"top_h": 0.3, "top_a": 0.2}, "one llmgraft sampler at a time"),

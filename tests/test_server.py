@@ -84,7 +84,7 @@ def test_server_default_request_fields_and_errors(server):
     assert status == 200
 
     for fields, message in (({"top_h": 5}, "alpha must be in (0, 1]"),
-                            ({"llmgraft_sampler": "nope"}, "no sampler named 'nope'"),
+                            ({"llmgraft_sampler": "nope"}, "llmgraft_sampler: no sampler named 'nope'"),
                             ({"llmgraft_sampler": "top_h", "alpah": 0.3}, "did you mean 'alpha'")):
         status, error = complete(base, temperature=1.0, vllm_xargs=fields)
         assert status == 400 and message in json.dumps(error), error

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ParamError
+from .errors import ParamError, UnknownPluginError
 from .families import Sampler
 from .manager import Registry, get_registry
 from .names import closest
@@ -95,7 +95,10 @@ def _parse(fields: Mapping[str, Any], registry: Registry, where: str = "request 
             raise ParamError(f"{SAMPLER_KEY}='none' conflicts with sampler fields for {', '.join(sorted(found))}")
         return OPT_OUT, {}
     if explicit is not None:
-        registry.get("sampler", explicit)  # an unknown name is an UnknownPluginError (a ValueError)
+        try:
+            registry.get("sampler", explicit)
+        except UnknownPluginError as exc:  # a ValueError: HTTP 400, naming the field
+            raise UnknownPluginError(f"{SAMPLER_KEY}: {exc}") from None
         others = sorted(set(found) - {explicit})
         if others:
             raise ParamError(f"{where}s select sampler {explicit!r} but also set fields of {', '.join(others)}")
