@@ -1,6 +1,6 @@
 """Merging full checkpoints: peak memory and wall time for N inputs, side by side with mergekit.
 
-    python benchmarks/bench_merge.py [--inputs 2 4 8] [--methods task_arithmetic ties consensus mwa]
+    python benchmarks/bench_merge.py [--inputs 2 4 8] [--methods task_arithmetic ties consensus mwa uniform tall]
                                      [--size-mb 213] [--no-mergekit] [--out PREFIX]
 
 Builds a random bf16 Llama of about ``--size-mb`` (the base) and 8 "fine-tunes" (the base plus sparse
@@ -101,7 +101,9 @@ def mergekit_run(site: Path, method: str, base: Path, inputs: list[Path], out: P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "consensus", "mwa", "uniform"])
+    parser.add_argument("--methods", nargs="+",
+                        default=["task_arithmetic", "ties", "consensus", "mwa", "uniform", "tall"],
+                        help="merge methods; 'tall' measures 'tall build' and then 'tall rebuild' of task 0")
     parser.add_argument("--size-mb", type=float, default=213)
     parser.add_argument("--mergekit", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--work", help="directory for the models (kept between runs; default: a temp dir)")
@@ -121,12 +123,19 @@ def main() -> None:
     headers = ["method", "N", "llmgraft s", "llmgraft MB", "x one input", "mergekit s", "mergekit MB", "ours / mergekit"]
     rows, failures = [], []
     for n in args.inputs:
-        for method in args.methods:
-            out = work / f"out-{method}-{n}"
-            argv = [sys.executable, "-m", "llmgraft.cli", "merge", "--method", method, *map(str, tuned[:n]),
-                    "--out", str(out), "--force"]
-            if method != "mwa" and method != "uniform":
-                argv += ["--base", str(base)]
+        for method in [m for m in args.methods if m != "tall"] + \
+                (["tall build", "tall rebuild"] if "tall" in args.methods else []):
+            out = work / f"out-{method.replace(' ', '-')}-{n}"
+            cli = [sys.executable, "-m", "llmgraft.cli"]
+            if method == "tall build":
+                argv = [*cli, "tall", "build", "--base", str(base), *map(str, tuned[:n]), "--out", str(out), "--force"]
+            elif method == "tall rebuild":  # task 0 from the store just built
+                argv = [*cli, "tall", "rebuild", str(work / f"out-tall-build-{n}"), "--task", "0", "--out", str(out),
+                        "--force"]
+            else:
+                argv = [*cli, "merge", "--method", method, *map(str, tuned[:n]), "--out", str(out), "--force"]
+                if method != "mwa" and method != "uniform":
+                    argv += ["--base", str(base)]
             if method == "consensus" and n < 2:
                 continue
             peak, seconds = peak_rss_mb(argv)

@@ -352,16 +352,12 @@ def rebuild_tall(store: str | Path, task: int, out: str | Path, *, base: str | P
             writer = ShardWriter(tmp, plan, metadata={"llmgraft_tall_task": str(task)})
             with _progress(len(plan), f"tall rebuild {task}", progress) as bar:
                 for name, info in anchor.tensors.items():
-                    theta = anchor.read(name)
-                    if info.dtype.is_floating_point:
-                        packed = masks.read(name)
-                        size = math.ceil(math.prod(info.shape) / 8)
-                        if packed.numel() != size:
-                            raise CheckpointError(f"{store}: the mask of {name!r} for task {task} has "
-                                                  f"{packed.numel()} bytes, not {size}")
-                        mask = unpack_bits(packed, info.shape)
-                        theta = (theta.float() + torch.where(mask, vectors.read(name).float(), 0.0)).to(info.dtype)
-                    writer.write(name, theta)
+                    if not info.dtype.is_floating_point or not info.shape:
+                        writer.write(name, _rebuild_rows(anchor, vectors, masks, name, info, None, store, task))
+                    else:  # row chunks of 8k rows (k ≥ 1), so each chunk's mask starts on a byte
+                        row_elements = math.prod(info.shape[1:])
+                        for rows in _chunks(info.shape[0], row_elements, 2):
+                            writer.write(name, _rebuild_rows(anchor, vectors, masks, name, info, rows, store, task))
                     bar.update(1)
             writer.close()
             copy_side_files(anchor, tmp, skip=NOT_CARRIED)
@@ -371,6 +367,23 @@ def rebuild_tall(store: str | Path, task: int, out: str | Path, *, base: str | P
         return record
     finally:
         _close([vectors, masks], anchor)
+
+
+def _rebuild_rows(anchor: Checkpoint, vectors: Checkpoint, masks: Checkpoint, name: str, info,
+                  rows: tuple[int, int] | None, store: Path, task: int) -> torch.Tensor:
+    """θ₀ + m_t ⊙ τ_MTL for rows [a, b) of one tensor (the whole tensor when ``rows`` is None)."""
+    theta = anchor.read(name, rows)
+    if not info.dtype.is_floating_point:
+        return theta
+    size = math.ceil(math.prod(info.shape) / 8)
+    if masks.tensors[name].shape != (size,):
+        raise CheckpointError(f"{store}: the mask of {name!r} for task {task} has {masks.tensors[name].shape} "
+                              f"bytes, not {size}")
+    per_row = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
+    a, b = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
+    packed = masks.read(name, (a * per_row // 8, min(size, math.ceil(b * per_row / 8))))
+    mask = unpack_bits(packed, theta.shape)
+    return (theta.float() + torch.where(mask, vectors.read(name, rows).float(), 0.0)).to(info.dtype)
 
 
 def _store_part(store: Path, stem: str) -> Checkpoint:
