@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmgraft.hooks import CheckpointError, ParamError, get_registry
-from llmgraft.integrations.peft import merge_adapters, merge_adapters_into_base
+from llmgraft.integrations.peft import merge_adapter_dirs, merge_adapters, merge_adapters_into_base
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 
@@ -162,6 +162,17 @@ def test_saved_adapter_directories_merge_on_their_deltas(peft_model, tiny_llama,
         torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(CheckpointError, match="is a PEFT adapter: merge adapters on their deltas"):
         merge_checkpoints("uniform", dirs, tmp_path / "wrong", progress=False)
+    weights_file = dirs[1] / "adapter_model.safetensors"  # truncated: one line, no traceback, nothing written
+    weights_file.write_bytes(weights_file.read_bytes()[:-100])
+    result = subprocess.run([sys.executable, "-m", "llmgraft.cli", "merge", "--method", "uniform", *map(str, dirs),
+                             "--out", str(tmp_path / "broken")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"llmgraft: error: {weights_file}: tensor ")
+    assert "the file is truncated or corrupted" in result.stderr and not (tmp_path / "broken").exists()
+    weights_file.unlink()
+    (dirs[1] / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(CheckpointError, match=r"no safetensors weights \(found adapter_model.bin: pickled"):
+        merge_adapter_dirs(dirs, "uniform", tmp_path / "pickled")
 
 
 def test_adapter_merges_refuse_what_they_cannot_do(peft_model, tmp_path):

@@ -218,9 +218,8 @@ def merge_adapter_dirs(adapters: Sequence[str | Path], method: str, out: str | P
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ...offline.merge import trainer_metrics
-
-    from ...offline.merge import check_output
+    from ...offline.checkpoints import Checkpoint
+    from ...offline.merge import check_output, trainer_metrics
 
     paths = [Path(p) for p in adapters]
     out = check_output(out, force, [*paths, base])
@@ -231,6 +230,7 @@ def merge_adapter_dirs(adapters: Sequence[str | Path], method: str, out: str | P
         if not is_adapter_dir(path):
             raise CheckpointError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
         configs.append(PeftConfig.from_pretrained(str(path)))
+        Checkpoint(path).close()  # safetensors weights, header and sizes intact: a clear error before any load
     bases = {c.base_model_name_or_path for c in configs}
     if base is None:
         if len(bases) != 1:
