@@ -10,7 +10,7 @@
     llmgraft demo quant              the code LM as W4A16 and ternary: size, loss, vLLM tokens/s
     llmgraft lab --model DIR --prompts FILE --samplers top_p,min_p,top_h,top_w,top_nsigma,p_less
                                      sweep each sampler's knob on your model: table and frontier plot
-    llmgraft merge --method mwa|consensus|ties|task_arithmetic|uniform [--base B] IN... --out O
+    llmgraft merge --method mwa|tall|consensus|ties|task_arithmetic|uniform [--base B] IN... --out O
                                      merge full checkpoints (safetensors), streamed, written atomically
     llmgraft tall build --base B IN... --out STORE  /  llmgraft tall rebuild STORE --task T --out O
     llmgraft export-lora ADAPTER OUT  a saved MoS (any llmgraft adapter) as a plain LoRA adapter for vLLM
@@ -167,6 +167,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         from .hooks.errors import ParamError
 
         raise ParamError("--rank and --into-base apply to PEFT adapter directories only")
+    if method == "tall":  # TALL's output is a store, not a model: the same as `llmgraft tall build`
+        from .offline.merge import build_tall
+
+        tall = get_registry().get("merger", "tall").params_cls.from_mapping(_assignments(args.set, "--set"))
+        build_tall(args.base, args.inputs, args.out, lam=tall.lam, force=args.force)
+        print(f"built a TALL store of {len(args.inputs)} tasks -> {args.out}; write task t's model with: "
+              f"llmgraft tall rebuild {args.out} --task t --out DIR")
+        return 0
     from .offline.merge import merge_checkpoints
 
     report = merge_checkpoints(method, args.inputs, args.out, base=args.base,
@@ -389,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge full checkpoints (safetensors), streamed and atomic",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     merge.add_argument("--method", required=True,
-                       help="a registered merger: uniform, mwa, task_arithmetic, ties, consensus (llmgraft plugins)")
+                       help="a registered merger: uniform, mwa, task_arithmetic, ties, consensus, or tall (which "
+                            "writes a TALL store, as tall build does; see llmgraft plugins)")
     merge.add_argument("--base", help="the base model directory (task-vector methods need it)")
     merge.add_argument("inputs", nargs="+", help="input checkpoint directories, or saved PEFT LoRA adapters")
     merge.add_argument("--out", required=True, help="output model directory")

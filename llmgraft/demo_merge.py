@@ -24,7 +24,7 @@ def run_merge_demo(scratch: str | Path | None = None, steps: int = 16, tasks: tu
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from .offline.merge import build_tall, choose_tall_lams, merge_checkpoints, rebuild_tall
+    from .offline.merge import choose_tall_lams, rebuild_tall
     from .report import format_table
     from .testing.finetune import finetune, task_loss
     from .testing.measure import peak_rss_mb
@@ -47,6 +47,14 @@ def run_merge_demo(scratch: str | Path | None = None, steps: int = 16, tasks: tu
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         return [task_loss(model, t, split) for t in task_list]
 
+    cli = [sys.executable, "-m", "llmgraft.cli"]
+    floor, _ = peak_rss_mb([sys.executable, "-c", "import llmgraft.offline.merge"])
+
+    def run_merge(argv: list[str]) -> tuple[float, float]:
+        """Seconds and peak MB above python + llmgraft of one CLI merge, in its own process."""
+        peak, seconds = peak_rss_mb([*cli, *argv, "--force"])
+        return seconds, peak - floor
+
     # MWA over the checkpoints of the first task's run.
     checkpoints = sorted(runs[tasks[0]].glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     mwa_rows = []
@@ -55,38 +63,38 @@ def run_merge_demo(scratch: str | Path | None = None, steps: int = 16, tasks: tu
                                   ("MWA by step, p=1", "mwa", {"metric": "step", "penalty": 1.0}),
                                   ("uniform average", "uniform", {})):
         out = scratch / f"mwa-{method}-{'-'.join(f'{k}{v}' for k, v in params.items())}"
-        start = time.perf_counter()
-        merge_checkpoints(method, checkpoints, out, params=params, force=True, progress=False)
-        mwa_rows.append([label, score(out, (tasks[0],))[0], time.perf_counter() - start])
-    mwa_rows.append([f"last checkpoint ({checkpoints[-1].name})", score(checkpoints[-1], (tasks[0],))[0], "-"])
-    mwa_rows.append(["base code LM", score(base, (tasks[0],))[0], "-"])
+        seconds, memory = run_merge(["merge", "--method", method, *map(str, checkpoints), "--out", str(out),
+                                     *[f"--set={k}={json.dumps(v)}" for k, v in params.items()]])
+        mwa_rows.append([label, score(out, (tasks[0],))[0], seconds, memory])
+    mwa_rows.append([f"last checkpoint ({checkpoints[-1].name})", score(checkpoints[-1], (tasks[0],))[0], "-", "-"])
+    mwa_rows.append(["base code LM", score(base, (tasks[0],))[0], "-", "-"])
     print()
-    print(format_table(["merge", f"{tasks[0]} loss", "seconds"], mwa_rows,
-                       title=f"MWA over {len(checkpoints)} checkpoints of one {tasks[0]} run (test loss, lower is better)"))
+    print(format_table(["merge", f"{tasks[0]} loss", "seconds", "peak MB"], mwa_rows,
+                       title=f"MWA over {len(checkpoints)} checkpoints of one {tasks[0]} run (test loss, lower is "
+                             "better; peak MB as below)"))
 
     # Multi-task merges of the task fine-tunes.
     finals = [runs[t] / "final" for t in tasks]
     rows = [["base code LM", *score(base), "-", "-"]]
     individual = [score(p)[i] for i, p in enumerate(finals)]
     rows.append(["each task's own fine-tune", *individual, "-", "-"])
-    floor, _ = peak_rss_mb([sys.executable, "-c", "import llmgraft.offline.merge"])
     for label, method, params in (("uniform", "uniform", {}), ("task arithmetic 0.5", "task_arithmetic", {"scale": 0.5}),
                                   ("TIES d=0.2", "ties", {"density": 0.2}),
                                   ("Consensus k=2 (TA 0.5)", "consensus", {"k": 2, "scale": 0.5})):
         out = scratch / f"multi-{method}"
-        peak, seconds = peak_rss_mb([sys.executable, "-m", "llmgraft.cli", "merge", "--method", method, "--base",
-                                     str(base), *map(str, finals), "--out", str(out), "--force",
-                                     *[f"--set={k}={json.dumps(v)}" for k, v in params.items()]])
-        rows.append([label, *score(out), seconds, peak - floor])
+        seconds, memory = run_merge(["merge", "--method", method, "--base", str(base), *map(str, finals), "--out",
+                                     str(out), *[f"--set={k}={json.dumps(v)}" for k, v in params.items()]])
+        rows.append([label, *score(out), seconds, memory])
     lams, _ = choose_tall_lams(base, finals, lambda t, path: score(path, (tasks[t],), "val")[0], progress=False)
-    start = time.perf_counter()
-    manifest = build_tall(base, finals, scratch / "tall", lams=lams, force=True, progress=False)
-    seconds = time.perf_counter() - start
+    seconds, memory = run_merge(["tall", "build", "--base", str(base), *map(str, finals), "--out",
+                                 str(scratch / "tall"), "--lams", *map(str, lams)])
+    manifest = json.loads((scratch / "tall" / "tall.json").read_text())
     rebuilt = []
     for t in range(len(tasks)):
         rebuild_tall(scratch / "tall", t, scratch / f"tall-{t}", force=True, progress=False)
         rebuilt.append(score(scratch / f"tall-{t}", (tasks[t],))[0])
-    rows.append([f"TALL (lambda {', '.join(f'{v:g}' for v in lams)} on val), task t rebuilt", *rebuilt, seconds, "-"])
+    rows.append([f"TALL (lambda {', '.join(f'{v:g}' for v in lams)} on val), task t rebuilt", *rebuilt, seconds,
+                 memory])
     print()
     print(format_table(["merge", *[f"{t} loss" for t in tasks], "seconds", "peak MB"], rows,
                        title=f"{len(tasks)} task fine-tunes merged into one model (test loss per task, lower is "

@@ -290,6 +290,14 @@ def test_cli_merge_and_tall(family, tmp_path):
     cli("tall", "build", "--base", base, *tasks, "--out", tmp_path / "store", "--lams", "0.3", "0.4", "0.5")
     cli("tall", "rebuild", tmp_path / "store", "--task", "1", "--out", tmp_path / "t1")
     assert json.loads((tmp_path / "t1" / "llmgraft_merge.json").read_text())["lam"] == 0.4
+    # `merge --method tall` builds the same store (one lam for all): task 1's mask is the one built at 0.4
+    out = cli("merge", "--method", "tall", "--base", base, *tasks, "--out", tmp_path / "store2", "--set", "lam=0.4")
+    assert "llmgraft tall rebuild" in out.stdout
+    for name in ("task_vector.safetensors", "mask-1.safetensors"):
+        assert (tmp_path / "store" / name).read_bytes() == (tmp_path / "store2" / name).read_bytes()
+    error = cli("merge", "--method", "tall", "--base", base, *tasks, "--out", tmp_path / "x", "--set", "lamb=1",
+                ok=False).stderr.strip()
+    assert error.startswith("llmgraft: error: tall: unknown parameter(s) 'lamb' (did you mean 'lam'?)")
 
 
 # ---- each method against the independent float64 replica of its official code ------------------------------
