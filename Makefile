@@ -45,6 +45,7 @@ bench: setup
 	$(PY) benchmarks/bench_merge.py --work .scratch/bench-merge --out benchmarks/results/merge
 	$(PY) benchmarks/bench_merge_quality.py --out benchmarks/results/merge_quality
 	$(PY) benchmarks/bench_adapter_merge.py --out benchmarks/results/adapter_merge
+	$(PY) benchmarks/bench_adapter_merge_quality.py --out benchmarks/results/adapter_merge_quality
 	$(PY) benchmarks/bench_mos.py --out benchmarks/results/mos
 	$(PY) benchmarks/bench_slim_moe.py --out benchmarks/results/slim_moe
 	$(PY) benchmarks/bench_prompt_distill.py --out benchmarks/results/prompt_distill

@@ -119,6 +119,8 @@ def test_adapters_that_cannot_merge(peft_model):
         merge_adapters(peft_model, ["x", "y"], "mwa", "m")
     with pytest.raises(ParamError, match="an adapter named 'y' already exists"):
         merge_adapters(peft_model, ["x", "z"], "uniform", "y")
+    with pytest.raises(ParamError, match=r"adapter name 'ta_0.5' must be a non-empty string without '\.'"):
+        merge_adapters(peft_model, ["x", "z"], "uniform", "ta_0.5")
     peft_model.peft_config["z"].base_model_name_or_path = "some/other-model"
     with pytest.raises(ParamError, match="come from different base models"):
         merge_adapters(peft_model, ["x", "z"], "uniform", "m")

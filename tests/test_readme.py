@@ -96,6 +96,7 @@ SMOKE_ARGS = {"bench_top_h.py": ["--runs", "1", "--repeats", "3", "--batches", "
               "bench_server.py": ["--requests", "60", "--warmup", "10", "--concurrency", "8"],
               "bench_merge.py": ["--inputs", "2", "--methods", "uniform", "ties", "--size-mb", "6", "--no-mergekit"],
               "bench_mos.py": ["--quick", "--steps", "3", "--seeds", "1"],
+              "bench_adapter_merge_quality.py": ["--steps", "4", "--tasks", "json", "html"],
               "bench_slim_moe.py": ["--teacher-steps", "2", "--tokens", "1024", "--targets", "0.5", "--no-vllm"],
               "bench_prompt_distill.py": ["--lengths", "256", "--repeats", "1", "--prompts", "8", "--ratios", "0.25",
                                           "--requests", "2", "--tokens", "4"],

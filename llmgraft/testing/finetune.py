@@ -98,11 +98,14 @@ def finetune(package: str, out_dir: str | Path, steps: int = 40, lr: float = 1e-
 
 
 def adapter_finetune(package: str, config, steps: int = 300, lr: float = 2e-3, batch_size: int = 8,
-                     seq_len: int = 128, seed: int = 0, out: str | Path | None = None, progress: bool = False
-                     ) -> dict:
+                     seq_len: int = 128, seed: int = 0, out: str | Path | None = None, progress: bool = False,
+                     save_every: int | None = None) -> dict:
     """Train a PEFT adapter (any ``PeftConfig``: LoRA, MoS, ...) on the code LM for ``package`` with a plain
     AdamW loop at constant ``lr``; report its trainable parameters, test loss and milliseconds per step.
-    With ``out``, the adapter is saved there (``save_pretrained``)."""
+    With ``out``, the adapter is saved there (``save_pretrained``); with ``save_every`` too, every that many
+    steps into ``out/checkpoint-<step>``, beside a ``trainer_state.json`` as HF Trainer writes it (the step,
+    and the validation loss as ``eval_loss``), so checkpoint merges (MWA) read them like Trainer's."""
+    import json
     import time
 
     import torch
@@ -122,7 +125,9 @@ def adapter_finetune(package: str, config, steps: int = 300, lr: float = 2e-3, b
         from tqdm import tqdm
 
         steps_iter = tqdm(steps_iter, desc=f"{type(config).__name__} on {package}", unit="step", leave=False)
-    for _ in steps_iter:
+    if save_every is not None and out is None:
+        raise ValueError("save_every needs out (the directory the checkpoints go into)")
+    for step in steps_iter:
         starts = torch.randint(0, len(train) - seq_len - 1, (batch_size,), generator=gen)
         batch = torch.stack([train[s: s + seq_len] for s in starts.tolist()])
         start = time.perf_counter()
@@ -131,6 +136,14 @@ def adapter_finetune(package: str, config, steps: int = 300, lr: float = 2e-3, b
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
+        if save_every and (step + 1) % save_every == 0:
+            model.eval()
+            checkpoint = Path(out) / f"checkpoint-{step + 1}"
+            model.save_pretrained(str(checkpoint))
+            history = [{"eval_loss": task_loss(model, package, "val"), "step": step + 1}]
+            (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step + 1,
+                                                                       "log_history": history}))
+            model.train()
     model.eval()
     result = {"trainable": trainable, "test_loss": task_loss(model, package),
               "ms_per_step": 1000 * sorted(times)[len(times) // 2], "steps": steps}

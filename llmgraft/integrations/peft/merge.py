@@ -103,6 +103,9 @@ def merge_adapters(model, adapters: Sequence[str], method: str, adapter_name: st
     merger, parsed, values = _method(method, params, per_input, adapters)
     if adapter_name in model.peft_config:
         raise ParamError(f"an adapter named {adapter_name!r} already exists")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ParamError(f"adapter name {adapter_name!r} must be a non-empty string without '.' (PEFT stores "
+                         "adapters as submodules of that name)")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ParamError(f"rank must be a positive integer, got {rank!r}")
     layers = _lora_layers(model, list(adapters))
