@@ -8,8 +8,8 @@ plugin registers the method, so a method missing any part is skipped at load tim
 it, never at request time. (Duck-typed objects that are not subclasses pass the same checks.)
 
 Tensors are torch tensors; no host framework (vLLM, PEFT, transformers) appears in any signature. Each
-family is shaped by the real methods it holds (see ../shared/DESIGN.md, "Families shaped by their real
-methods"), with its base class, checks and one contract test (``llmgraft.testing.contracts``) together.
+family is shaped by the real methods it holds (docs/design-decisions.md), with its base class, checks and
+one contract test (``llmgraft.testing.contracts``) together.
 """
 
 from __future__ import annotations

@@ -1,2 +1,3 @@
-"""Numeric kernels, in torch: each is the reference (the spec) and the CPU path. GPU paths (Triton) will be
-tested against them and picked by device. Nothing here imports a host framework."""
+"""Numeric kernels. The torch code is each kernel's reference (the spec) and its CPU path; Triton kernels
+(``quant_triton``) are checked against it under ``TRITON_INTERPRET=1`` and used on GPUs where a method opts
+in. Nothing here imports a host framework."""

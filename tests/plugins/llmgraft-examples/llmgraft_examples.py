@@ -1,12 +1,14 @@
-"""One minimal third-party method per family (attention, kv_manager, optimizer, merger, adapter), registered
-by a third-party plugin: fixtures for the contract test, not methods anyone should use."""
+"""One minimal third-party method per family (attention, kv_manager, optimizer, merger, adapter,
+quant_scheme), registered by a third-party plugin: fixtures for the contract test, not methods anyone should
+use."""
 import json
 import shutil
 from dataclasses import dataclass
 
 import torch
 
-from llmgraft import Adapter, AdapterState, Attention, KVManager, Merger, Optimizer, Params, hookimpl, param
+from llmgraft import (Adapter, AdapterState, Attention, KVManager, Merger, Optimizer, PackedTensor, Params, QuantScheme,
+                      hookimpl, param)
 from llmgraft.io import atomic_directory
 
 
@@ -87,6 +89,44 @@ class PlainLoRA(Adapter):
 
     def factors(self, shared, own, fixed, params):
         return own["A"], own["B"]
+
+
+@dataclass(frozen=True)
+class Int8Groups(Params):
+    owner = "int8_groups"
+    group: int = param(32, range="[1, inf)", help="input columns per absmax scale")
+
+
+class Int8GroupScheme(QuantScheme):
+    """int8 codes with one float16 absmax scale per group of input columns (W8A16), dequantized to multiply."""
+
+    name = "int8_groups"
+    description = "int8 weights, one absmax scale per group of input columns (a contract fixture)"
+    params_cls = Int8Groups
+    bits = 8.0
+
+    def packed_shapes(self, out_features, in_features, params):
+        return {"codes": PackedTensor((out_features, in_features), torch.int8),
+                "scales": PackedTensor((out_features, in_features // params.group), torch.float16, per=params.group)}
+
+    def quantize(self, weight, params):
+        grouped = weight.float().reshape(weight.shape[0], -1, params.group)
+        scales = (grouped.abs().amax(-1) / 127).clamp(min=1e-8).half()
+        codes = (grouped / scales.float()[..., None]).round().clamp(-127, 127).to(torch.int8)
+        return {"codes": codes.reshape(weight.shape), "scales": scales}
+
+    def dequantize(self, stored, params):
+        codes, scales = stored["codes"], stored["scales"]
+        grouped = codes.float().reshape(codes.shape[0], -1, params.group) * scales.float()[..., None]
+        return grouped.reshape(codes.shape)
+
+    def matmul(self, x, state, params):
+        return (x.float() @ self.dequantize(state, params).T).to(x.dtype)
+
+
+@hookimpl
+def llmgraft_register_quant_schemes(register):
+    register(Int8GroupScheme())
 
 
 @hookimpl
