@@ -205,7 +205,7 @@ def test_entropy_pass_in_chunks_equals_one_pass(monkeypatch):
     assert torch.equal(top_h(x.clone(), 0.4, 100, "paper"), whole)
 
 
-@pytest.mark.parametrize("batch, vocab", [(1, 25600), (3, 32768), (32, 4099), (8, 131075)])
+@pytest.mark.parametrize("batch, vocab", [(1, 25600), (3, 32768), (32, 4099), (8, 102403)])
 def test_two_stage_selection_gives_topk_values(batch, vocab):
     """Shapes that take the grouped selection: its values must be exactly torch.topk's, NaN rows too."""
     from llmgraft.kernels.truncation import _two_stages_win, select_top_n
