@@ -151,6 +151,19 @@ def _per_input_values(args: argparse.Namespace, count: int) -> list[dict] | None
 
 def cmd_merge(args: argparse.Namespace) -> int:
     method = args.method.replace("-", "_")
+    if method == "tall":  # TALL's output is a store, not a model: the same as `llmgraft tall build`
+        import tempfile
+
+        from .offline.merge import build_tall, check_output
+
+        tall = get_registry().get("merger", "tall").params_cls.from_mapping(_assignments(args.set, "--set"))
+        check_output(args.out, args.force, [*args.inputs, args.base])
+        with tempfile.TemporaryDirectory(prefix="llmgraft-tall-") as scratch:
+            build_tall(args.base, _tall_task_models(args.inputs, args.base, Path(scratch)), args.out, lam=tall.lam,
+                       force=args.force, sources=args.inputs)
+        print(f"built a TALL store of {len(args.inputs)} tasks -> {args.out}; write task t's model with: "
+              f"llmgraft tall rebuild {args.out} --task t --out DIR")
+        return 0
     if any((Path(p) / "adapter_config.json").is_file() for p in args.inputs):  # PEFT adapters: merge their deltas
         from .integrations.peft import merge_adapter_dirs
 
@@ -167,14 +180,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
         from .hooks.errors import ParamError
 
         raise ParamError("--rank and --into-base apply to PEFT adapter directories only")
-    if method == "tall":  # TALL's output is a store, not a model: the same as `llmgraft tall build`
-        from .offline.merge import build_tall
-
-        tall = get_registry().get("merger", "tall").params_cls.from_mapping(_assignments(args.set, "--set"))
-        build_tall(args.base, args.inputs, args.out, lam=tall.lam, force=args.force)
-        print(f"built a TALL store of {len(args.inputs)} tasks -> {args.out}; write task t's model with: "
-              f"llmgraft tall rebuild {args.out} --task t --out DIR")
-        return 0
     from .offline.merge import merge_checkpoints
 
     report = merge_checkpoints(method, args.inputs, args.out, base=args.base,
@@ -314,40 +319,60 @@ def _key_values(items: list[str] | None) -> list[tuple[str, object]]:
     return out
 
 
+def _tall_task_models(inputs: list[str], base: str | None, scratch: Path) -> list[str]:
+    """Full checkpoints for TALL: checkpoint directories as they are; each saved PEFT adapter written into
+    a full model (base + its exact dense ΔW) under ``scratch``, since TALL masks full-rank task vectors."""
+    adapters = [(Path(p) / "adapter_config.json").is_file() for p in inputs]
+    if not any(adapters):
+        return inputs
+    if not all(adapters):
+        raise ParamError("give TALL either full checkpoints or PEFT adapter directories, not a mix")
+    from tqdm import tqdm
+
+    from .integrations.peft import merge_adapter_dirs
+
+    models = []
+    for i, path in enumerate(tqdm(inputs, desc="adapters -> full models", unit="adapter")):
+        models.append(str(scratch / f"task-{i}"))
+        merge_adapter_dirs([path], "uniform", models[-1], base=base, into_base=True)
+    return models
+
+
 def cmd_tall(args: argparse.Namespace) -> int:
-    from .offline.merge import build_tall, rebuild_tall
+    import tempfile
 
-    if args.tall_command == "build":
-        from .hooks.errors import ParamError
-        from .offline.merge import check_output
+    from .offline.merge import build_tall, check_output, choose_tall_lams, rebuild_tall
 
-        lams = args.lams
-        if lams is not None and len(lams) != len(args.inputs):
-            raise ParamError(f"--lams has {len(lams)} values for {len(args.inputs)} tasks")
-        check_output(args.out, args.force, [*args.inputs, args.base])  # before any search
+    if args.tall_command == "rebuild":
+        rebuild_tall(args.store, args.task, args.out, base=args.base, force=args.force)
+        print(f"task {args.task} rebuilt -> {args.out}")
+        return 0
+    lams = args.lams
+    if lams is not None and len(lams) != len(args.inputs):
+        raise ParamError(f"--lams has {len(lams)} values for {len(args.inputs)} tasks")
+    check_output(args.out, args.force, [*args.inputs, args.base])  # before any search
+    if args.eval_data:
+        if lams is not None:
+            raise ParamError("give --lams or --eval-data (which chooses them), not both")
+        if len(args.eval_data) != len(args.inputs):
+            raise ParamError(f"--eval-data needs one text file per task ({len(args.inputs)}), got "
+                             f"{len(args.eval_data)}")
+        missing = [f for f in args.eval_data if not Path(f).is_file()]
+        if missing:
+            raise ParamError(f"--eval-data file {missing[0]!r} does not exist")
+    with tempfile.TemporaryDirectory(prefix="llmgraft-tall-") as scratch:
+        models = _tall_task_models(args.inputs, args.base, Path(scratch))
         if args.eval_data:
             from .integrations.transformers.evaluate import text_loss
-            from .offline.merge import choose_tall_lams
 
-            if lams is not None:
-                raise ParamError("give --lams or --eval-data (which chooses them), not both")
-            if len(args.eval_data) != len(args.inputs):
-                raise ParamError(f"--eval-data needs one text file per task ({len(args.inputs)}), got "
-                                 f"{len(args.eval_data)}")
-            missing = [f for f in args.eval_data if not Path(f).is_file()]
-            if missing:
-                raise ParamError(f"--eval-data file {missing[0]!r} does not exist")
-            lams, scores = choose_tall_lams(args.base, args.inputs,
-                                            lambda t, model: text_loss(model, args.eval_data[t]),
+            lams, scores = choose_tall_lams(args.base, models, lambda t, model: text_loss(model, args.eval_data[t]),
                                             candidates=args.candidates)
             for lam, row in scores.items():
                 print(f"lambda {lam}: validation loss per task {', '.join(f'{v:.4f}' for v in row)}")
-        manifest = build_tall(args.base, args.inputs, args.out, lam=args.lam, lams=lams, force=args.force)
-        kept = ", ".join(f"{100 * k:.1f}%" for k in manifest["kept_fraction"])
-        print(f"TALL store of {len(args.inputs)} tasks -> {args.out} (lambda {manifest['lams']}; mask density {kept})")
-    else:
-        rebuild_tall(args.store, args.task, args.out, base=args.base, force=args.force)
-        print(f"task {args.task} rebuilt -> {args.out}")
+        manifest = build_tall(args.base, models, args.out, lam=args.lam, lams=lams, force=args.force,
+                              sources=args.inputs)
+    kept = ", ".join(f"{100 * k:.1f}%" for k in manifest["kept_fraction"])
+    print(f"TALL store of {len(args.inputs)} tasks -> {args.out} (lambda {manifest['lams']}; mask density {kept})")
     return 0
 
 

@@ -164,6 +164,32 @@ def test_saved_adapter_directories_merge_on_their_deltas(peft_model, tiny_llama,
         torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(CheckpointError, match="is a PEFT adapter: merge adapters on their deltas"):
         merge_checkpoints("uniform", dirs, tmp_path / "wrong", progress=False)
+    # TALL over adapters: each written into a full model (base + exact ΔW), then the store as for checkpoints.
+    store = tmp_path / "tall"
+    result = subprocess.run([sys.executable, "-m", "llmgraft.cli", "tall", "build", "--base", str(tiny_llama),
+                             *map(str, dirs), "--out", str(store), "--lam", "0.4"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((store / "tall.json").read_text())["tasks"] == [str(d.resolve()) for d in dirs]
+    result = subprocess.run([sys.executable, "-m", "llmgraft.cli", "tall", "rebuild", str(store), "--task", "1",
+                             "--out", str(tmp_path / "t1")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    base_state = load_file(str(tiny_llama / "model.safetensors"))
+    rebuilt = load_file(str(tmp_path / "t1" / "model.safetensors"))
+    taus = {name.removeprefix("base_model.model.") + ".weight": [d[name] for d in (deltas(peft_model, x) for x in "xyz")]
+            for name in deltas(peft_model, "x")}
+    for name, value in base_state.items():
+        if name not in taus:
+            assert torch.equal(rebuilt[name], value), name  # not adapted: the base's own weights
+            continue
+        total = sum(taus[name])
+        mask = taus[name][1].abs() > 0.4 * (total - taus[name][1]).abs()
+        expected = value.float() + torch.where(mask, total, 0.0)
+        close = torch.isclose(rebuilt[name].float(), expected, rtol=1e-4, atol=1e-6)
+        assert mask.any() and not mask.all() and close.float().mean() > 0.999, name  # boundary rounding aside
+
     weights_file = dirs[1] / "adapter_model.safetensors"  # truncated: one line, no traceback, nothing written
     weights_file.write_bytes(weights_file.read_bytes()[:-100])
     result = subprocess.run([sys.executable, "-m", "llmgraft.cli", "merge", "--method", "uniform", *map(str, dirs),

@@ -280,10 +280,12 @@ def _close(checkpoints: Sequence[Checkpoint], anchor: Checkpoint | None) -> None
 
 
 def build_tall(base: str | Path, inputs: Sequence[str | Path], out: str | Path, *, lam: float = 0.4,
-               lams: Sequence[float] | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
+               lams: Sequence[float] | None = None, force: bool = False, progress: bool = True,
+               sources: Sequence[str | Path] | None = None) -> dict[str, Any]:
     """Write a TALL store: τ_MTL (``task_vector.safetensors``), each task's bit-packed masks
     (``mask-<t>.safetensors``: one uint8 tensor per weight, 8 entries per byte), and ``tall.json``.
-    ``lams`` sets λ per task (default ``lam`` for all)."""
+    ``lams`` sets λ per task (default ``lam`` for all). ``sources`` names the tasks in ``tall.json`` when
+    ``inputs`` are stand-ins (full models written from PEFT adapters)."""
     merger = get_registry().get("merger", "tall")
     per_input = None if lams is None else [{"lam": float(v)} for v in lams]
     out, parsed, values, checkpoints, anchor, reference = _prepare(merger, inputs, out, base, {"lam": lam},
@@ -314,7 +316,7 @@ def build_tall(base: str | Path, inputs: Sequence[str | Path], out: str | Path, 
             total = sum(math.prod(i.shape) for _, i in floating)
             manifest = {"format": STORE_FORMAT, "base": str(Path(base).resolve()),
                         "base_fingerprint": fingerprint(anchor),
-                        "tasks": [str(Path(p).resolve()) for p in inputs],
+                        "tasks": [str(Path(p).resolve()) for p in (sources or inputs)],
                         "lams": [float(v.get("lam", lam)) for v in values], "parameters": total,
                         "kept_fraction": [k / max(total, 1) for k in kept],
                         "shapes": {n: list(i.shape) for n, i in floating},

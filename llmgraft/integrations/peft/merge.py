@@ -80,8 +80,9 @@ def _method(method: str, params, per_input, adapters):
     """The merger, its parsed parameters and per-input values, checked for an adapter merge."""
     merger = get_registry().get("merger", method)
     if merger.merged_is != "model":
-        raise ParamError(f"{method} produces a {merger.merged_is}, not merged weights: build it from full "
-                         "checkpoints (llmgraft tall build)")
+        raise ParamError(f"{method} produces a {merger.merged_is}, not merged weights: build its store from the "
+                         "saved adapters with `llmgraft tall build --base BASE ADAPTER_DIR...`, which writes each "
+                         "adapter into a full model first")
     parsed = merger.params_cls.from_mapping(params or {})
     values = [dict(v) for v in per_input] if per_input is not None else [{} for _ in adapters]
     if len(values) != len(adapters):
