@@ -250,6 +250,10 @@ merge_checkpoints("uniform", {[str(t) for t in tasks]!r}, {str(out)!r}, progress
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()
+    orphans = list(tmp_path.glob(".out.*"))
+    assert orphans and all(f".out.tmp-{proc.pid}-" in p.name for p in orphans)  # the dead process's temp dir
+    merge_checkpoints("uniform", tasks, out, progress=False)  # the next write of the target clears it away
+    assert out.is_dir() and not list(tmp_path.glob(".out.*"))
 
 
 def test_shard_writer_refuses_out_of_order_and_incomplete(tmp_path):
