@@ -89,6 +89,8 @@ def test_reported_peaked_cases_keep_what_the_rule_keeps():
 @pytest.mark.parametrize("alpha", [0.05, 0.4, 0.8, 1.0])
 def test_hf_variant_equals_installed_warper_exactly(vocab, alpha):
     x = random_logits(16, vocab, 3.0, seed=vocab)
+    if vocab >= 32:  # and the peaked kinds (one token far ahead, flat, few-token and shifted tails)
+        x = torch.cat([x, peaked_rows(vocab, seed=vocab)])
     expected = TopHLogitsWarper(top_h=alpha)(None, x.clone())
     assert torch.equal(top_h(x.clone(), alpha, 100, "hf"), expected)
 
