@@ -152,17 +152,9 @@ def _per_input_values(args: argparse.Namespace, count: int) -> list[dict] | None
 def cmd_merge(args: argparse.Namespace) -> int:
     method = args.method.replace("-", "_")
     if method == "tall":  # TALL's output is a store, not a model: the same as `llmgraft tall build`
-        import tempfile
-
-        from .offline.merge import build_tall, check_output
-
         tall = get_registry().get("merger", "tall").params_cls.from_mapping(_assignments(args.set, "--set"))
-        check_output(args.out, args.force, [*args.inputs, args.base])
-        with tempfile.TemporaryDirectory(prefix="llmgraft-tall-") as scratch:
-            build_tall(args.base, _tall_task_models(args.inputs, args.base, Path(scratch)), args.out, lam=tall.lam,
-                       force=args.force, sources=args.inputs)
-        print(f"built a TALL store of {len(args.inputs)} tasks -> {args.out}; write task t's model with: "
-              f"llmgraft tall rebuild {args.out} --task t --out DIR")
+        _write_tall_store(args.inputs, args.base, args.out, lam=tall.lam, force=args.force)
+        print(f"write task t's model with: llmgraft tall rebuild {args.out} --task t --out DIR")
         return 0
     if any((Path(p) / "adapter_config.json").is_file() for p in args.inputs):  # PEFT adapters: merge their deltas
         from .integrations.peft import merge_adapter_dirs
@@ -339,18 +331,15 @@ def _tall_task_models(inputs: list[str], base: str | None, scratch: Path) -> lis
 
 
 def cmd_tall(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from .offline.merge import build_tall, check_output, choose_tall_lams, rebuild_tall
-
     if args.tall_command == "rebuild":
+        from .offline.merge import rebuild_tall
+
         rebuild_tall(args.store, args.task, args.out, base=args.base, force=args.force)
         print(f"task {args.task} rebuilt -> {args.out}")
         return 0
     lams = args.lams
     if lams is not None and len(lams) != len(args.inputs):
         raise ParamError(f"--lams has {len(lams)} values for {len(args.inputs)} tasks")
-    check_output(args.out, args.force, [*args.inputs, args.base])  # before any search
     if args.eval_data:
         if lams is not None:
             raise ParamError("give --lams or --eval-data (which chooses them), not both")
@@ -360,20 +349,31 @@ def cmd_tall(args: argparse.Namespace) -> int:
         missing = [f for f in args.eval_data if not Path(f).is_file()]
         if missing:
             raise ParamError(f"--eval-data file {missing[0]!r} does not exist")
+    _write_tall_store(args.inputs, args.base, args.out, lam=args.lam, lams=lams, force=args.force,
+                      eval_data=args.eval_data, candidates=args.candidates)
+    return 0
+
+
+def _write_tall_store(inputs: list[str], base: str | None, out: str, *, lam: float, force: bool, lams=None,
+                      eval_data: list[str] | None = None, candidates=None) -> None:
+    """Build a TALL store from checkpoints or saved adapters, with λ chosen on ``eval_data`` if given."""
+    import tempfile
+
+    from .offline.merge import build_tall, check_output, choose_tall_lams
+
+    check_output(out, force, [*inputs, base])  # before any work
     with tempfile.TemporaryDirectory(prefix="llmgraft-tall-") as scratch:
-        models = _tall_task_models(args.inputs, args.base, Path(scratch))
-        if args.eval_data:
+        models = _tall_task_models(inputs, base, Path(scratch))
+        if eval_data:
             from .integrations.transformers.evaluate import text_loss
 
-            lams, scores = choose_tall_lams(args.base, models, lambda t, model: text_loss(model, args.eval_data[t]),
-                                            candidates=args.candidates)
-            for lam, row in scores.items():
-                print(f"lambda {lam}: validation loss per task {', '.join(f'{v:.4f}' for v in row)}")
-        manifest = build_tall(args.base, models, args.out, lam=args.lam, lams=lams, force=args.force,
-                              sources=args.inputs)
+            lams, scores = choose_tall_lams(base, models, lambda t, model: text_loss(model, eval_data[t]),
+                                            candidates=candidates)
+            for value, row in scores.items():
+                print(f"lambda {value}: validation loss per task {', '.join(f'{v:.4f}' for v in row)}")
+        manifest = build_tall(base, models, out, lam=lam, lams=lams, force=force, sources=inputs)
     kept = ", ".join(f"{100 * k:.1f}%" for k in manifest["kept_fraction"])
-    print(f"TALL store of {len(args.inputs)} tasks -> {args.out} (lambda {manifest['lams']}; mask density {kept})")
-    return 0
+    print(f"TALL store of {len(inputs)} tasks -> {out} (lambda {manifest['lams']}; mask density {kept})")
 
 
 def build_parser() -> argparse.ArgumentParser:

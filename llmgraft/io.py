@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -41,7 +42,7 @@ def atomic_directory(target: str | Path):
 
 def _remove_orphans(target: Path) -> None:
     """Remove ``target``'s temp dirs left by processes that have died (their pid is in the name)."""
-    for stale in target.parent.glob(f".{target.name}.tmp-*-*"):
+    for stale in target.parent.glob(f"{glob.escape(f'.{target.name}')}.tmp-*-*"):
         pid = stale.name[len(f".{target.name}.tmp-"):].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue

@@ -294,6 +294,15 @@ def test_cli_merge_and_tall(family, tmp_path):
     cli("tall", "build", "--base", base, *tasks, "--out", tmp_path / "store", "--lams", "0.3", "0.4", "0.5")
     cli("tall", "rebuild", tmp_path / "store", "--task", "1", "--out", tmp_path / "t1")
     assert json.loads((tmp_path / "t1" / "llmgraft_merge.json").read_text())["lam"] == 0.4
+    # --eval-data picks each task's lambda by the rebuilt model's loss on that task's text
+    texts = []
+    for t, module in enumerate((json, subprocess, signal)):
+        texts.append(tmp_path / f"val{t}.txt")
+        texts[-1].write_text(Path(module.__file__).read_text()[:4000])
+    out = cli("tall", "build", "--base", base, *tasks, "--out", tmp_path / "store3", "--eval-data", *texts,
+              "--candidates", "0.3", "0.5").stdout
+    assert "lambda 0.3: validation loss per task" in out and "lambda 0.5: validation loss per task" in out
+    assert set(json.loads((tmp_path / "store3" / "tall.json").read_text())["lams"]) <= {0.3, 0.5}
     # `merge --method tall` builds the same store (one lam for all): task 1's mask is the one built at 0.4
     out = cli("merge", "--method", "tall", "--base", base, *tasks, "--out", tmp_path / "store2", "--set", "lam=0.4")
     assert "llmgraft tall rebuild" in out.stdout

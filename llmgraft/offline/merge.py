@@ -354,12 +354,16 @@ def rebuild_tall(store: str | Path, task: int, out: str | Path, *, base: str | P
             writer = ShardWriter(tmp, plan, metadata={"llmgraft_tall_task": str(task)})
             with _progress(len(plan), f"tall rebuild {task}", progress) as bar:
                 for name, info in anchor.tensors.items():
+                    if info.dtype.is_floating_point:
+                        size = math.ceil(math.prod(info.shape) / 8)
+                        if masks.tensors[name].shape != (size,):
+                            raise CheckpointError(f"{store}: the mask of {name!r} for task {task} has "
+                                                  f"{masks.tensors[name].shape} bytes, not {size}")
                     if not info.dtype.is_floating_point or not info.shape:
-                        writer.write(name, _rebuild_rows(anchor, vectors, masks, name, info, None, store, task))
+                        writer.write(name, _rebuild_rows(anchor, vectors, masks, name, info, None))
                     else:  # row chunks of 8k rows (k ≥ 1), so each chunk's mask starts on a byte
-                        row_elements = math.prod(info.shape[1:])
-                        for rows in _chunks(info.shape[0], row_elements, 2):
-                            writer.write(name, _rebuild_rows(anchor, vectors, masks, name, info, rows, store, task))
+                        for rows in _chunks(info.shape[0], math.prod(info.shape[1:]), 2):
+                            writer.write(name, _rebuild_rows(anchor, vectors, masks, name, info, rows))
                     bar.update(1)
             writer.close()
             copy_side_files(anchor, tmp, skip=NOT_CARRIED)
@@ -372,15 +376,12 @@ def rebuild_tall(store: str | Path, task: int, out: str | Path, *, base: str | P
 
 
 def _rebuild_rows(anchor: Checkpoint, vectors: Checkpoint, masks: Checkpoint, name: str, info,
-                  rows: tuple[int, int] | None, store: Path, task: int) -> torch.Tensor:
+                  rows: tuple[int, int] | None) -> torch.Tensor:
     """θ₀ + m_t ⊙ τ_MTL for rows [a, b) of one tensor (the whole tensor when ``rows`` is None)."""
     theta = anchor.read(name, rows)
     if not info.dtype.is_floating_point:
         return theta
     size = math.ceil(math.prod(info.shape) / 8)
-    if masks.tensors[name].shape != (size,):
-        raise CheckpointError(f"{store}: the mask of {name!r} for task {task} has {masks.tensors[name].shape} "
-                              f"bytes, not {size}")
     per_row = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
     a, b = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
     packed = masks.read(name, (a * per_row // 8, min(size, math.ceil(b * per_row / 8))))

@@ -30,7 +30,8 @@ VALID: list[dict[str, Any] | None] = [
 ]
 INVALID: list[tuple[dict[str, Any], str]] = [
     ({"top_h": 0}, "alpha must be in"), ({"top_h": 2.0}, "alpha must be in"),
-    ({"llmgraft_sampler": "top_zz"}, "llmgraft_sampler: no sampler named 'top_zz'"), ({"top_h": "high"}, "alpha must be a number"),
+    ({"llmgraft_sampler": "top_zz"}, "llmgraft_sampler: no sampler named 'top_zz'"),
+    ({"top_h": "high"}, "alpha must be a number"),
     ({"top_w": -1.0}, "beta must be in"), ({"top_w_top_m": 1.5}, "top_m must be an integer"),
     ({"top_nsigma": "x"}, "n must be a number"), ({"p_less": 0.5}, "order must be in"),
     ({"top_h": 0.4, "top_h_alpah": 0.3}, "'alpah' (did you mean 'alpha'?)"),
