@@ -139,6 +139,7 @@ def main() -> None:
             ("RSS after each quarter MB", lambda r, s: " · ".join(f"{x:,.0f}" for x in r["rss"])),
             ("RSS growth MB", lambda r, s: f"{growth(r):+.1f}"),
             ("  of which the vLLM worker (model, samplers)", lambda r, s: f"{_worker_growth(r):+.1f}"),
+            ("  of which the API server (the rest)", lambda r, s: f"{growth(r) - _worker_growth(r):+.1f}"),
             ("healthy afterwards", lambda r, s: str(r["healthy"]))):
         figures.append([label, get(runs["vLLM alone"], baseline), get(runs["llmgraft mix"], summary)])
     excess = growth(runs["llmgraft mix"]) - growth(runs["vLLM alone"])
