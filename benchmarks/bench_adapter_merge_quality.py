@@ -41,6 +41,8 @@ def main() -> None:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
+    from llmgraft.demo_merge import CHECKPOINT_MERGES, TASK_MERGES, run_checkpoints
+    from llmgraft.hooks import get_registry
     from llmgraft.integrations.peft import merge_adapter_dirs, merge_adapters, merge_adapters_into_base
     from llmgraft.report import report_results
     from llmgraft.testing.finetune import adapter_finetune, task_loss
@@ -69,13 +71,10 @@ def main() -> None:
 
     # MWA over the checkpoints of the first task's run.
     first = tasks[0]
-    checkpoints = sorted(runs[first].glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = run_checkpoints(runs[first])
     headers = ["merge", *[f"{t} loss" for t in tasks], "rank"]
     rows = []
-    for label, method, params in (("MWA by loss, p=1", "mwa", {"metric": "loss", "penalty": 1.0}),
-                                  ("MWA by loss, p=4", "mwa", {"metric": "loss", "penalty": 4.0}),
-                                  ("MWA by step, p=1", "mwa", {"metric": "step", "penalty": 1.0}),
-                                  ("uniform average of the checkpoints", "uniform", {})):
+    for label, method, params in CHECKPOINT_MERGES:
         out = scratch / f"mwa-{method}-{'-'.join(f'{k}{v}' for k, v in params.items())}"
         report = merge_adapter_dirs(checkpoints, method, out, params=params, force=True)
         rows.append([f"{first} run: {label}", adapter_losses(out, [first])[0], *["-"] * (len(tasks) - 1),
@@ -94,21 +93,21 @@ def main() -> None:
         model.set_adapter(task)
         own.append(task_loss(model, task))
     rows.append(["each task's own adapter", *own, args.rank])
-    for label, method, params in (("uniform", "uniform", {}), ("task arithmetic 0.5", "task_arithmetic", {"scale": 0.5})):
-        report = merge_adapters(model, tasks, method, f"merged_{method}", params=params)
-        model.set_adapter(f"merged_{method}")
-        rows.append([f"{label} (exact adapter)", *[task_loss(model, t) for t in tasks], report["rank"]])
-    for label, method, params in (("TIES d=0.2", "ties", {"density": 0.2}),
-                                  ("Consensus k=2 (TA 0.5)", "consensus", {"k": 2, "scale": 0.5})):
-        out = scratch / f"dense-{method}"
-        merge_adapters_into_base(model, tasks, method, out, params=params, force=True)
-        merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-        rows.append([f"{label} (full-rank, into the base)", *[task_loss(merged, t) for t in tasks], "full"])
+    for label, method, params in TASK_MERGES:
+        if get_registry().get("merger", method).linear:  # an exact adapter at concatenated rank
+            report = merge_adapters(model, tasks, method, f"merged_{method}", params=params)
+            model.set_adapter(f"merged_{method}")
+            rows.append([f"{label} (exact adapter)", *[task_loss(model, t) for t in tasks], report["rank"]])
+        else:  # masked methods: full-rank deltas, written into the base
+            out = scratch / f"dense-{method}"
+            merge_adapters_into_base(model, tasks, method, out, params=params, force=True)
+            merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+            rows.append([f"{label} (full-rank, into the base)", *[task_loss(merged, t) for t in tasks], "full"])
 
     title = (f"LoRA adapters merged on the code LM ({len(tasks)} tasks: {', '.join(tasks)}; r={args.rank}, "
              f"{args.steps} steps each, all seven projections; test loss per task, lower is better)")
     mwa = {row[0]: row[1] for row in rows[:5]}
-    by_loss, uniform = mwa[f"{first} run: MWA by loss, p=1"], mwa[f"{first} run: uniform average of the checkpoints"]
+    by_loss, uniform = mwa[f"{first} run: MWA by loss, p=1"], mwa[f"{first} run: uniform average"]
     notes = (f"MWA claim (loss-weighted beats uniform) on {first}: loss-weighted p=1 {by_loss:.3f} vs uniform "
              f"{uniform:.3f}: {'holds' if by_loss < uniform else 'does not hold'} here.")
     report_results(args.out, title, headers, rows, notes=notes)

@@ -18,6 +18,21 @@ import time
 from pathlib import Path
 
 
+#: The merges of one run's checkpoints the demo (and the merge benchmarks) compare: (label, method, params).
+CHECKPOINT_MERGES = (("MWA by loss, p=1", "mwa", {"metric": "loss", "penalty": 1.0}),
+                     ("MWA by loss, p=4", "mwa", {"metric": "loss", "penalty": 4.0}),
+                     ("MWA by step, p=1", "mwa", {"metric": "step", "penalty": 1.0}),
+                     ("uniform average", "uniform", {}))
+#: The merges of several tasks' fine-tunes.
+TASK_MERGES = (("uniform", "uniform", {}), ("task arithmetic 0.5", "task_arithmetic", {"scale": 0.5}),
+               ("TIES d=0.2", "ties", {"density": 0.2}), ("Consensus k=2 (TA 0.5)", "consensus", {"k": 2, "scale": 0.5}))
+
+
+def run_checkpoints(run: Path) -> list[Path]:
+    """A training run's ``checkpoint-<step>`` directories, in step order."""
+    return sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
 def run_merge_demo(scratch: str | Path | None = None, steps: int = 16, tasks: tuple[str, ...] = ("json", "html", "urllib"),
                    seed: int = 0) -> dict:
     import torch
@@ -56,12 +71,9 @@ def run_merge_demo(scratch: str | Path | None = None, steps: int = 16, tasks: tu
         return seconds, peak - floor
 
     # MWA over the checkpoints of the first task's run.
-    checkpoints = sorted(runs[tasks[0]].glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = run_checkpoints(runs[tasks[0]])
     mwa_rows = []
-    for label, method, params in (("MWA by loss, p=1", "mwa", {"metric": "loss", "penalty": 1.0}),
-                                  ("MWA by loss, p=4", "mwa", {"metric": "loss", "penalty": 4.0}),
-                                  ("MWA by step, p=1", "mwa", {"metric": "step", "penalty": 1.0}),
-                                  ("uniform average", "uniform", {})):
+    for label, method, params in CHECKPOINT_MERGES:
         out = scratch / f"mwa-{method}-{'-'.join(f'{k}{v}' for k, v in params.items())}"
         seconds, memory = run_merge(["merge", "--method", method, *map(str, checkpoints), "--out", str(out),
                                      *[f"--set={k}={json.dumps(v)}" for k, v in params.items()]])
@@ -78,9 +90,7 @@ def run_merge_demo(scratch: str | Path | None = None, steps: int = 16, tasks: tu
     rows = [["base code LM", *score(base), "-", "-"]]
     individual = [score(p)[i] for i, p in enumerate(finals)]
     rows.append(["each task's own fine-tune", *individual, "-", "-"])
-    for label, method, params in (("uniform", "uniform", {}), ("task arithmetic 0.5", "task_arithmetic", {"scale": 0.5}),
-                                  ("TIES d=0.2", "ties", {"density": 0.2}),
-                                  ("Consensus k=2 (TA 0.5)", "consensus", {"k": 2, "scale": 0.5})):
+    for label, method, params in TASK_MERGES:
         out = scratch / f"multi-{method}"
         seconds, memory = run_merge(["merge", "--method", method, "--base", str(base), *map(str, finals), "--out",
                                      str(out), *[f"--set={k}={json.dumps(v)}" for k, v in params.items()]])
