@@ -63,6 +63,18 @@ def installed_on_path(command: str, tmp_path_factory):
         reset_registry()
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernel_path(request, monkeypatch):
+    """Run a truncation-sampler test on the compiled top-N kernel and on the torch path (LLMGRAFT_NATIVE=0)."""
+    from llmgraft.kernels import native
+
+    if request.param == "torch":
+        monkeypatch.setenv("LLMGRAFT_NATIVE", "0")
+    elif native.load() is None or not native.load().vectorized:
+        pytest.skip("the compiled kernel is not used on this machine")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def plugin_site(tmp_path_factory) -> Path:
     """The example third-party plugin ``llmgraft-top-a``, installed as the README says and on ``sys.path``."""

@@ -96,7 +96,7 @@ def settle(request, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["random", "peaked", "masked"])
 @pytest.mark.parametrize("potential", ["nearest", "matching"])
-def test_top_w_matches_replica(kind, potential, settle):
+def test_top_w_matches_replica(kind, potential, settle, kernel_path):
     x = rows_of(kind, 8, 2000, seed=3)
     table = embeddings(2000, 24, seed=4)
     betas = [2.8, 2.0, 3.5, 2.8, 5.0, 2.8, 1.0, 2.8]
@@ -104,7 +104,7 @@ def test_top_w_matches_replica(kind, potential, settle):
     assert_top_w_matches(x, table, 300, potential, beta=betas, lam=lams)
 
 
-def test_top_w_matches_replica_on_the_code_lm(code_lm, code_lm_logits, settle):
+def test_top_w_matches_replica_on_the_code_lm(code_lm, code_lm_logits, settle, kernel_path):
     model, _ = code_lm
     table = model.get_input_embeddings().weight.detach()
     for temperature in (0.7, 1.5, 3.0):

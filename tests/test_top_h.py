@@ -38,7 +38,7 @@ def random_logits(batch: int, vocab: int, scale: float, seed: int) -> torch.Tens
 @pytest.mark.parametrize("variant", ["reference", "paper"])
 @pytest.mark.parametrize("vocab", [50, 1000, 4096])
 @pytest.mark.parametrize("scale", [0.5, 2.0, 5.0])
-def test_exact_variants_match_replica_on_random_rows(variant, vocab, scale):
+def test_exact_variants_match_replica_on_random_rows(variant, vocab, scale, kernel_path):
     x = random_logits(8, vocab, scale, seed=vocab)
     alphas = torch.linspace(0.05, 1.0, 8)
     assert_matches_replica(x, top_h(x.clone(), alphas, 100, variant), alphas.tolist(), variant)
@@ -63,7 +63,7 @@ def peaked_rows(vocab: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("variant", ["reference", "paper"])
 @pytest.mark.parametrize("vocab", [8192, 32768])
 @pytest.mark.parametrize("whole_vocab", [False, True], ids=["top_n=100", "top_n=V"])
-def test_exact_variants_match_replica_on_peaked_rows(variant, vocab, whole_vocab):
+def test_exact_variants_match_replica_on_peaked_rows(variant, vocab, whole_vocab, kernel_path):
     rows = peaked_rows(vocab, seed=vocab)
     top_n = vocab if whole_vocab else 100
     alphas = [0.05, 0.2, 0.4, 0.7, 0.9, 1.0]
@@ -75,7 +75,7 @@ def test_exact_variants_match_replica_on_peaked_rows(variant, vocab, whole_vocab
     assert_matches_replica(x, single, per_row, variant, top_n)
 
 
-def test_reported_peaked_cases_keep_what_the_rule_keeps():
+def test_reported_peaked_cases_keep_what_the_rule_keeps(kernel_path):
     """The cases of issue #6: 32,768 kept for 3,611 (paper, top_n=V) and 100 kept for 9 (paper, top_n=100)."""
     rows = peaked_rows(32768, seed=1)
     for variant, row, top_n in (("paper", 0, 32768), ("paper", 2, 100), ("reference", 0, 100)):
@@ -132,7 +132,7 @@ def test_kept_logits_are_unchanged():
 
 
 @pytest.mark.parametrize("variant", ["reference", "hf", "paper"])
-def test_alpha_one_small_vocab_and_v1_never_fail(variant):
+def test_alpha_one_small_vocab_and_v1_never_fail(variant, kernel_path):
     for vocab in (1, 2, 99, 100, 101):
         x = random_logits(3, vocab, 2.0, seed=vocab)
         out = top_h(x.clone(), 1.0, 100, variant)
@@ -144,7 +144,7 @@ def test_alpha_one_small_vocab_and_v1_never_fail(variant):
 
 
 @pytest.mark.parametrize("variant", ["reference", "hf", "paper"])
-def test_bad_logits_policy(variant):
+def test_bad_logits_policy(variant, kernel_path):
     inf = float("inf")
     x = random_logits(6, 300, 2.0, seed=2)
     x[0, 5] = float("nan")                      # NaN → -inf
@@ -182,7 +182,7 @@ def test_plugin_apply_with_stacked_params():
 
 
 @pytest.mark.parametrize("variant", ["reference", "paper"])
-def test_rows_masked_by_earlier_processors(variant):
+def test_rows_masked_by_earlier_processors(variant, kernel_path):
     """Grammar / bad-words masks leave -inf in most of the row; fewer finite tokens than N is common."""
     x = random_logits(8, 3000, 2.0, seed=11)
     gen = torch.Generator().manual_seed(12)
@@ -201,6 +201,7 @@ def test_entropy_pass_in_chunks_equals_one_pass(monkeypatch):
     """Large batches stream the entropy pass through a bounded workspace, a few rows at a time."""
     from llmgraft.kernels import truncation
 
+    monkeypatch.setenv("LLMGRAFT_NATIVE", "0")  # the torch path (the compiled kernel needs no workspace)
     x = torch.cat([peaked_rows(4096, seed=5), random_logits(6, 4096, 2.0, seed=5)])
     whole = top_h(x.clone(), 0.4, 100, "paper")
     monkeypatch.setattr(truncation, "_CHUNK_ELEMENTS", 4096 * 5)  # 5 rows per chunk, 3 chunks

@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import native
+
 NEG_INF = float("-inf")
 STATISTICS = ("none", "mass", "mass+entropy")
 #: The entropy pass needs a probability buffer beside the logits. It is a per-thread workspace of at most
@@ -229,6 +231,12 @@ def top_n_statistics(logits: torch.Tensor, top_n: int, statistics: str = "none",
         raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}")
     batch, vocab = logits.shape
     n = min(top_n, vocab)
+    fast = None if torch_ties else native.top_n(logits, n, statistics)
+    if fast is not None and bool(np.isfinite(fast[0].numpy()[:, 0]).all()):  # else: the policy, below
+        top = TopN(fast[0], fast[1])
+        if statistics != "none":
+            _exact_statistics(top, fast[2][:, :1], fast[2][:, 1:] if statistics == "mass+entropy" else None)
+        return top
     top_logits, top_idx = select_top_n(logits, n, torch_ties)
     host = logits.device.type == "cpu" and top_logits.dtype == torch.float32
     # topk sorts NaN first, so a non-finite row maximum flags every row needing the policy, and one check
@@ -254,21 +262,32 @@ def top_n_statistics(logits: torch.Tensor, top_n: int, statistics: str = "none",
     else:
         zero = torch.zeros(batch, device=logits.device)
         sums = (zero, torch.ones(batch, device=logits.device)) + ((zero,) if entropy else ())
-    if host and top_logits.numel() <= _NUMPY_MAX_ENTRIES:
-        top.xp = np
-        x = np.maximum(top_logits.numpy(), _FLOOR, dtype=np.float64)
-        sums = [v.numpy()[:, None] for v in sums]
-        p1 = sums[1].astype(np.float64)
-    else:
-        x = top_logits.double().clamp_(min=_FLOOR)
-        sums = [v.unsqueeze(1) for v in sums]
-        p1 = sums[1].double()
-    top.tail_mass = sums[0] / p1
+    # The float32 softmax's sums, in units of its own p_1 (R = Σ_tail p / p_1): its rounded normaliser cancels.
+    mass, p1 = (v.double().unsqueeze(1) for v in sums[:2])
+    tail_weighted = None
     if entropy:
-        top.tail_weighted = sums[2] / p1 if shift else (sums[2] - x[:, :1] * sums[0]) / p1
+        weighted = sums[2].double().unsqueeze(1)
+        if not shift:
+            weighted -= top_logits[:, :1].double().clamp(min=_FLOOR) * mass
+        tail_weighted = weighted / p1
+    _exact_statistics(top, mass / p1, tail_weighted)
+    return top
+
+
+def _exact_statistics(top: TopN, tail_mass: torch.Tensor, tail_weighted: torch.Tensor | None) -> None:
+    """Fill ``top``'s float64 statistics from its logits and the tail sums ([B, 1] float64 tensors), in numpy
+    for small CPU calls (see ``_NUMPY_MAX_ENTRIES``), else in torch."""
+    if (top.logits.device.type == "cpu" and top.logits.dtype == torch.float32
+            and top.logits.numel() <= _NUMPY_MAX_ENTRIES):
+        top.xp = np
+        x = np.maximum(top.logits.numpy(), _FLOOR, dtype=np.float64)
+        tail_mass = tail_mass.numpy()
+        tail_weighted = None if tail_weighted is None else tail_weighted.numpy()
+    else:
+        x = top.logits.double().clamp_(min=_FLOOR)
+    top.tail_mass, top.tail_weighted = tail_mass, tail_weighted
     top.shifted = x - x[:, :1]
     top.weight = top.xp.exp(top.shifted)
-    return top
 
 
 _RANKS: dict[tuple[int, Any], Any] = {}
