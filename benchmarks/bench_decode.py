@@ -51,6 +51,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
 
+    from llmgraft.kernels import native
     from llmgraft.kernels.thresholds import p_less, top_nsigma
     from llmgraft.kernels.top_h import top_h
     from llmgraft.kernels.top_w import TopWStats, top_w, unit_embeddings
@@ -128,8 +129,11 @@ def main() -> None:
         extra = 1e3 * args.requests / statistics.median(rates[name]) - step_ms
         breakdown += [[f"{name}: extra time per step", extra],
                       [f"  its kernel at [{args.requests}, {logits.shape[1]}]", per_call_ms(kernel, logits.clone)]]
-    breakdown.append(["torch.topk(1200) at the same shape (Top-W's pool)",
+    breakdown.append(["torch.topk(1200) at the same shape (Top-W's pool, torch path)",
                       per_call_ms(lambda x: torch.topk(x, 1200), logits.clone)])
+    if native.top_n(logits, 1200, "mass") is not None:
+        breakdown.append(["compiled top-1200 and tail mass, same shape (Top-W's pool, this run)",
+                          per_call_ms(lambda x: native.top_n(x, 1200, "mass"), logits.clone)])
     print()
     print(format_table(["per decode step", "ms"], breakdown, title="Where the samplers' time goes"))
     verdict = (f"Top-H / temperature-only throughput: {ratio_of['llmgraft top-h 0.4']:.3f} (target >= 0.95); "

@@ -26,6 +26,15 @@ vocabulary (the "tail") summarised by its mass ``R = Σ_tail e_j`` and ``W_tail 
 Every sum above adds terms of one sign, so nothing cancels. The top-N terms are computed in float64 from
 the logits themselves (exact inputs); only the tail sums come from a float32 pass over the vocabulary,
 whose per-term error (~1e-6 relative) moves a kept-set boundary only at ties closer than that.
+
+Two paths compute the top N and the tail sums, with the same results (the tests run every rule on both):
+
+* **compiled** (``native/top_n.cpp``, float32 CPU logits on AVX-512 machines): one C++ call per batch. A
+  lower bound on each row's N-th largest logit from the maxima of >= 4N groups lets a vector compare skip
+  nearly every token, so the selection reads the row about twice instead of sorting it; the tail terms are
+  float32 exponentials summed in double. Ties among equal logits: lowest index first.
+* **torch** (everywhere else, or with ``LLMGRAFT_NATIVE=0``): ``torch.topk`` (or :func:`select_top_n`'s
+  grouped form) and a float32 softmax pass for the tail sums.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from ...hooks import ParamError
 from ...hooks.families import needs_of
 from ...hooks.resources import ModelResources
 from ...hooks.sampling import OPT_OUT, SAMPLER_KEY, parse_own_fields
+from ...kernels import native
 
 
 class GraftLogitsProcessor(LogitsProcessor):
@@ -52,6 +53,7 @@ class GraftLogitsProcessor(LogitsProcessor):
                 raise ParamError(f"sampler {sampler!r}: the model's input embeddings have {rows} rows but its output "
                                  f"layer scores {head.weight.shape[0]} tokens; they must cover the same vocabulary")
         self._stacked: dict[tuple[int, torch.device], object] = {}
+        native.prepare()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         key = (scores.shape[0], scores.device)

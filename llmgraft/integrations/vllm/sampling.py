@@ -28,6 +28,8 @@ from vllm.v1.sample.logits_processor import BatchUpdate
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
+from ...kernels import native
+
 try:  # Model Runner V2 interface (vLLM >= 0.32); import-light by design upstream.
     from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 except ImportError:  # pragma: no cover - older vLLM
@@ -219,6 +221,7 @@ class _V1GraftSampling(GraftSampling):
         self.device = device
         self.default = _server_default(vllm_config)
         self.resources = _engine_resources(vllm_config, self.default)
+        native.prepare()
         self.rows: dict[int, SamplerChoice] = {}
         self.groups: list[_Group] = []
 
@@ -243,6 +246,7 @@ class _V2GraftSampling(GraftSampling):
         self.device = getattr(req_states, "device", None) or torch.device("cpu")
         self.default = _server_default(vllm_config)
         self.resources = _engine_resources(vllm_config, self.default)
+        native.prepare()
         self.slots: dict[int, SamplerChoice] = {}
         self.temperature = np.ones(max_reqs, dtype=np.float32)
         self.uses = np.zeros(max_reqs, dtype=bool)

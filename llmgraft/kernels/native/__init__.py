@@ -87,7 +87,8 @@ def build(cxx: str, extra_flags: tuple[str, ...] = ()) -> Path:
 
 
 def load(extra_flags: tuple[str, ...] = ()):
-    """The library's ``llmgraft_top_n`` function with its ``vectorized`` flag, or None when it cannot be built.
+    """The library's ``llmgraft_top_n`` function with its ``vectorized`` flag, or None when it cannot be built
+    (or, for the default flags, when the CPU has no AVX-512 and the build would go unused).
 
     Built and loaded once per process and flag set; a failure is logged once and not retried.
     """
@@ -96,7 +97,9 @@ def load(extra_flags: tuple[str, ...] = ()):
         if key not in _loaded:
             _loaded[key] = None
             cxx = compiler()
-            if cxx is None:
+            if not key and "avx512f" not in _cpu_signature().split():
+                log.info("llmgraft: no AVX-512 on this CPU; the truncation samplers use their torch path")
+            elif cxx is None:
                 log.info("llmgraft: no C++ compiler found; the truncation samplers use their torch path")
             else:
                 try:
@@ -112,6 +115,12 @@ def load(extra_flags: tuple[str, ...] = ()):
                     function.vectorized = bool(library.llmgraft_top_n_vectorized())
                     _loaded[key] = function
         return _loaded[key]
+
+
+def prepare() -> None:
+    """Build or load the kernel now: hosts call this at start-up, so no request waits for the compiler."""
+    if enabled():
+        load()
 
 
 def applies(logits: torch.Tensor) -> bool:
