@@ -8,6 +8,10 @@ warper) are called in turn, in a rotating order, ``repeats`` times per run: drif
 all of them alike. Each run gives a median per contender; the table shows, per variant, the ratio
 HF-warper time / llmgraft time (> 1: llmgraft is faster) as the minimum, median and maximum over the runs.
 
+The title names the top-N path the llmgraft variants took: the compiled kernel (its AVX-512 or AVX2 loops)
+or torch. ``LLMGRAFT_NATIVE_FLAGS=-mno-avx512f`` measures the AVX2 loops on an AVX-512 machine, and
+``LLMGRAFT_NATIVE=0`` the torch path.
+
 Targets (issue #6): every ratio's minimum over the runs >= 1.0 (no slower than the HF warper at every B and
 V, every variant), and >= 1.25 at B=64, V=32k.
 
@@ -77,6 +81,7 @@ def interleaved(contenders: dict, x: torch.Tensor, repeats: int) -> dict[str, fl
 def main() -> None:
     from transformers.generation.logits_process import TopHLogitsWarper
 
+    from llmgraft.kernels import native
     from llmgraft.kernels.top_h import top_h
     from llmgraft.report import format_table, markdown_table, ratio_plot
 
@@ -127,7 +132,8 @@ def main() -> None:
             print(f"B={batch:3d} V={vocab:6d} done", flush=True)
 
     title = (f"Top-H (alpha={args.alpha}, N=100), {args.runs} interleaved runs x {args.repeats} repeats, "
-             f"{torch.get_num_threads()} threads; ms = median over runs; ratios > 1: llmgraft is faster")
+             f"{torch.get_num_threads()} threads, top-N path: {native.describe()}; ms = median over runs; "
+             f"ratios > 1: llmgraft is faster")
     print()
     print(format_table(headers, rows, title=title))
     verdict = "all targets met" if not failures else "targets missed:\n  " + "\n  ".join(failures)

@@ -63,15 +63,20 @@ def installed_on_path(command: str, tmp_path_factory):
         reset_registry()
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture(params=["native", "avx2", "torch"])
 def kernel_path(request, monkeypatch):
-    """Run a truncation-sampler test on the compiled top-N kernel and on the torch path (LLMGRAFT_NATIVE=0)."""
+    """Run a truncation-sampler test on the compiled top-N kernel as built for this CPU, on its AVX2 loops
+    (LLMGRAFT_NATIVE_FLAGS=-mno-avx512f) and on the torch path (LLMGRAFT_NATIVE=0)."""
     from llmgraft.kernels import native
 
     if request.param == "torch":
         monkeypatch.setenv("LLMGRAFT_NATIVE", "0")
-    elif native.load() is None or not native.load().vectorized:
-        pytest.skip("the compiled kernel is not used on this machine")
+        return request.param
+    if request.param == "avx2":
+        monkeypatch.setenv("LLMGRAFT_NATIVE_FLAGS", "-mno-avx512f")
+    wanted = {"native": ("AVX-512", "AVX2"), "avx2": ("AVX2",)}[request.param]
+    if not native.describe().startswith("compiled") or native.load(native.extra_flags()).isa not in wanted:
+        pytest.skip(f"the compiled kernel's {request.param} loops do not run on this machine")
     return request.param
 
 

@@ -1,10 +1,9 @@
-"""The compiled top-N kernel (llmgraft/kernels/native): exact against torch.topk and float64 sums, in both
-its AVX-512 and scalar builds; cached, atomic builds; and a clear fallback where it cannot be built."""
+"""The compiled top-N kernel (llmgraft/kernels/native): exact against torch.topk and float64 sums, in its
+AVX-512, AVX2 and scalar builds; cached, atomic builds; and a clear fallback where it cannot be built."""
 
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 from llmgraft.kernels import native
 
 AVX512 = native.load()
-SCALAR = native.load(("-mno-avx512f",))
+BUILDS = {"avx512": (), "avx2": ("-mno-avx512f",), "scalar": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
 needs_compiler = pytest.mark.skipif(AVX512 is None, reason="no C++ compiler here")
 
 
@@ -54,14 +53,22 @@ def float64_tail(x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, to
 KINDS = ["lm", "randn", "few_tail", "far_tail", "ties", "masked", "few_finite", "ascending"]
 
 
+def built(name: str):
+    """The kernel built with ``name``'s flags; skipped where this CPU lacks what that build needs."""
+    function = native.load(BUILDS[name])
+    if function is None:
+        pytest.skip("no C++ compiler here")
+    if name != "scalar" and not function.vectorized:
+        pytest.skip(f"this CPU has no {name}")
+    return function
+
+
 @needs_compiler
-@pytest.mark.parametrize("build", ["avx512", "scalar"])
+@pytest.mark.parametrize("build", list(BUILDS))
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batch, vocab", [(3, 8192), (2, 32771), (4, 130), (1, 17)])
 def test_values_indices_and_tail_sums_are_exact(build, kind, batch, vocab):
-    function = AVX512 if build == "avx512" else SCALAR
-    if build == "avx512" and not function.vectorized:
-        pytest.skip("this CPU has no AVX-512")
+    function = built(build)
     x = rows(kind, batch, vocab, seed=vocab)
     for n in sorted({1, 7, 100, 1200, vocab} & set(range(1, vocab + 1))):
         values, index, tail = native.top_n(x, n, "mass+entropy", function=function)
@@ -93,11 +100,9 @@ def test_mass_only_leaves_the_weighted_sum_zero():
 
 
 @needs_compiler
-@pytest.mark.parametrize("build", ["avx512", "scalar"])
+@pytest.mark.parametrize("build", list(BUILDS))
 def test_bad_rows_come_back_non_finite(build):
-    function = AVX512 if build == "avx512" else SCALAR
-    if build == "avx512" and not function.vectorized:
-        pytest.skip("this CPU has no AVX-512")
+    function = built(build)
     x = torch.randn(4, 1000)
     x[0, 500] = float("nan")
     x[1, 999] = float("nan")  # in the scalar remainder past the last 16-wide block
@@ -148,4 +153,16 @@ def test_no_compiler_falls_back(monkeypatch, tmp_path):
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("LLMGRAFT_NATIVE", "0")
     assert native.top_n(torch.randn(2, 300), 10) is None
-    assert os.environ["LLMGRAFT_NATIVE"] == "0"
+    assert native.describe() == "torch"
+
+
+@needs_compiler
+def test_extra_flags_choose_the_build(monkeypatch):
+    if not AVX512.vectorized:
+        pytest.skip("no vector build on this CPU")
+    monkeypatch.setenv("LLMGRAFT_NATIVE_FLAGS", "-mno-avx512f -mno-avx2 -mno-fma")
+    assert native.extra_flags() == ("-mno-avx512f", "-mno-avx2", "-mno-fma")
+    assert native.describe() == "torch"  # a scalar build is slower than torch: not used
+    assert native.top_n(torch.randn(2, 300), 10) is None
+    monkeypatch.setenv("LLMGRAFT_NATIVE_FLAGS", "")
+    assert native.describe() == f"compiled, {AVX512.isa}"

@@ -3,9 +3,9 @@
 Built on first use with the system C++ compiler (``$CXX``, else ``g++``/``c++``/``clang++``; about a
 second, no Python or torch headers) for this machine's CPU, and cached under ``$LLMGRAFT_CACHE_DIR`` (default
 ``~/.cache/llmgraft``) keyed by the source, the compiler and the CPU, so each process after the first only
-loads it. It is used only where its loops are AVX-512 vector loops; everywhere else (no compiler, a failed
-build, another CPU, ``LLMGRAFT_NATIVE=0``) :func:`top_n` returns None and callers take their torch path,
-which gives the same values (see ``truncation.py``).
+loads it. It is used only where its loops are vector loops (AVX-512, or AVX2 with FMA); everywhere else (no
+compiler, a failed build, another CPU, ``LLMGRAFT_NATIVE=0``) :func:`top_n` returns None and callers take
+their torch path, which gives the same values (see ``truncation.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ _loaded: dict[tuple, ctypes._CFuncPtr | None] = {}
 def enabled() -> bool:
     """False when ``LLMGRAFT_NATIVE=0`` asks for the torch path everywhere."""
     return os.environ.get("LLMGRAFT_NATIVE", "1") != "0"
+
+
+def extra_flags() -> tuple[str, ...]:
+    """Compiler flags added from ``LLMGRAFT_NATIVE_FLAGS`` (e.g. ``-mno-avx512f`` to run the AVX2 loops)."""
+    return tuple(os.environ.get("LLMGRAFT_NATIVE_FLAGS", "").split())
 
 
 def cache_dir() -> Path:
@@ -87,8 +92,9 @@ def build(cxx: str, extra_flags: tuple[str, ...] = ()) -> Path:
 
 
 def load(extra_flags: tuple[str, ...] = ()):
-    """The library's ``llmgraft_top_n`` function with its ``vectorized`` flag, or None when it cannot be built
-    (or, for the default flags, when the CPU has no AVX-512 and the build would go unused).
+    """The library's ``llmgraft_top_n`` function with its ``vectorized`` flag and ``isa`` name, or None when it
+    cannot be built
+    (or, for the default flags, when the CPU has no vector unit the kernel uses and the build would go unused).
 
     Built and loaded once per process and flag set; a failure is logged once and not retried.
     """
@@ -97,8 +103,9 @@ def load(extra_flags: tuple[str, ...] = ()):
         if key not in _loaded:
             _loaded[key] = None
             cxx = compiler()
-            if not key and "avx512f" not in _cpu_signature().split():
-                log.info("llmgraft: no AVX-512 on this CPU; the truncation samplers use their torch path")
+            flags = set(_cpu_signature().split())
+            if not key and "avx512f" not in flags and not {"avx2", "fma"} <= flags:
+                log.info("llmgraft: no AVX-512 or AVX2 on this CPU; the truncation samplers use their torch path")
             elif cxx is None:
                 log.info("llmgraft: no C++ compiler found; the truncation samplers use their torch path")
             else:
@@ -112,15 +119,23 @@ def load(extra_flags: tuple[str, ...] = ()):
                     function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                          ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                          ctypes.c_void_p, ctypes.c_int]
-                    function.vectorized = bool(library.llmgraft_top_n_vectorized())
+                    level = library.llmgraft_top_n_vectorized()
+                    function.vectorized = level > 0
+                    function.isa = ("scalar", "AVX2", "AVX-512")[level]
                     _loaded[key] = function
         return _loaded[key]
+
+
+def describe() -> str:
+    """Which path the truncation samplers take here, for benchmark titles: compiled (and its loops) or torch."""
+    function = load(extra_flags()) if enabled() else None
+    return f"compiled, {function.isa}" if function is not None and function.vectorized else "torch"
 
 
 def prepare() -> None:
     """Build or load the kernel now: hosts call this at start-up, so no request waits for the compiler."""
     if enabled():
-        load()
+        load(extra_flags())
 
 
 def applies(logits: torch.Tensor) -> bool:
@@ -141,7 +156,7 @@ def top_n(logits: torch.Tensor, n: int, statistics: str = "none", function=None)
     if function is None:
         if not enabled() or not applies(logits):
             return None
-        function = load()
+        function = load(extra_flags())
         if function is None or not function.vectorized:
             return None
     batch, vocab = logits.shape

@@ -2,26 +2,29 @@
 // samplers. llmgraft/kernels/truncation.py holds the definitions, and the torch path this must equal.
 //
 // Per row:
-// 1. A lower bound on the n-th largest value: the n-th largest of the maxima of G >= 4n groups of tokens
-//    (n distinct groups each hold a token at least that large). Vertical vector maxima, no shuffles.
+// 1. A lower bound on the n-th largest value from the maxima of G >= 4n groups of tokens (vertical vector
+//    maxima, no shuffles): any value with at least n maxima at or above it, found by bisection on counts.
 // 2. One filtering pass: a vector compare against the bound lets almost every token through without scalar
-//    work; the ~n candidates above it are kept as sortable 64-bit keys (value order, then index), cut back
-//    to n whenever the buffer fills, and finally sorted.
+//    work; the indices of the ~n tokens above it are compressed into a buffer (cut back to n whenever it
+//    fills), then sorted as 64-bit keys (value order, then index).
 // 3. With statistics, a second pass sums, over the tail (every token outside the selection), e = exp(t)
 //    and e * t with t = x - m, m the row maximum: float32 terms (a polynomial exp), double sums.
 // Rows are split over up to `threads` OpenMP threads.
 //
 // Plain C ABI, loaded with ctypes: no Python or torch headers, so it builds in about a second. Built with
-// -march=native; without AVX-512 the same results come from scalar loops (llmgraft_top_n_vectorized()
-// tells the caller which, so it can prefer torch where this would be slower).
+// -march=native: the loops are AVX-512 or AVX2+FMA intrinsics where the CPU has them, else scalar code with
+// the same results (llmgraft_top_n_vectorized() tells the caller, which then prefers torch).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define LLMGRAFT_AVX2 1
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -85,6 +88,38 @@ inline __m512 exp_scaled16(__m512 t) {
 }
 #endif
 
+#ifdef LLMGRAFT_AVX2
+inline __m256 exp_scaled8(__m256 t) {
+  const __m256 k = _mm256_floor_ps(_mm256_fmadd_ps(t, _mm256_set1_ps(kLog2e), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Hi), t);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kP0);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(kScaleBits + 127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// For each 8-bit mask, the lanes whose bit is set, in order: AVX2 has no compress instruction.
+struct CompressTable {
+  alignas(32) int32_t lanes[256][8];
+  CompressTable() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int k = 0;
+      for (int lane = 0; lane < 8; ++lane)
+        if (mask >> lane & 1) lanes[mask][k++] = lane;
+      for (; k < 8; ++k) lanes[mask][k] = 0;
+    }
+  }
+};
+const CompressTable kCompress;
+#endif
+
 // Number of maxima >= bound (vector compares, no data-dependent branches).
 int64_t count_at_least(const std::vector<float>& maxima, float bound) {
   int64_t count = 0;
@@ -92,6 +127,10 @@ int64_t count_at_least(const std::vector<float>& maxima, float bound) {
   const __m512 b = _mm512_set1_ps(bound);
   for (size_t c = 0; c < maxima.size(); c += 16)
     count += __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(maxima.data() + c), b, _CMP_GE_OQ));
+#elif defined(LLMGRAFT_AVX2)
+  const __m256 b = _mm256_set1_ps(bound);
+  for (size_t c = 0; c < maxima.size(); c += 8)
+    count += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(maxima.data() + c), b, _CMP_GE_OQ)));
 #else
   for (float m : maxima) count += m >= bound;
 #endif
@@ -112,6 +151,12 @@ float lower_bound(const float* x, int64_t vocab, int64_t n, std::vector<float>& 
     __m512 best = _mm512_set1_ps(-kInf);
     for (int64_t r = 0; r < full; ++r) best = _mm512_max_ps(best, _mm512_loadu_ps(x + r * groups + c));
     _mm512_storeu_ps(maxima.data() + c, best);
+  }
+#elif defined(LLMGRAFT_AVX2)
+  for (int64_t c = 0; c < groups; c += 8) {
+    __m256 best = _mm256_set1_ps(-kInf);
+    for (int64_t r = 0; r < full; ++r) best = _mm256_max_ps(best, _mm256_loadu_ps(x + r * groups + c));
+    _mm256_storeu_ps(maxima.data() + c, best);
   }
 #else
   for (int64_t r = 0; r < full; ++r)
@@ -178,6 +223,27 @@ void select_row(const float* x, int64_t vocab, int64_t n, Workspace& ws, float* 
       threshold = cut(x, candidates, count, n, ws);
       count = n;
       bound = _mm512_set1_ps(threshold);
+    }
+  }
+  unordered = nan_seen != 0;
+#elif defined(LLMGRAFT_AVX2)
+  __m256 bound = _mm256_set1_ps(threshold);
+  __m256i lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i eight = _mm256_set1_epi32(8);
+  int nan_seen = 0;
+  for (; j + 8 <= vocab; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    nan_seen |= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const int above = _mm256_movemask_ps(_mm256_cmp_ps(v, bound, _CMP_GT_OQ));
+    const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.lanes[above]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(candidates.data() + count),
+                        _mm256_permutevar8x32_epi32(lane_index, order));
+    count += __builtin_popcount(above);
+    lane_index = _mm256_add_epi32(lane_index, eight);
+    if (count >= capacity) {
+      threshold = cut(x, candidates, count, n, ws);
+      count = n;
+      bound = _mm256_set1_ps(threshold);
     }
   }
   unordered = nan_seen != 0;
@@ -254,6 +320,31 @@ void tail_row(const float* x, int64_t vocab, int64_t n, const float* top, bool w
   }
   mass = _mm512_reduce_add_pd(mass_d);
   weight = _mm512_reduce_add_pd(weight_d);
+#elif defined(LLMGRAFT_AVX2)
+  const __m256 vm = _mm256_set1_ps(m), vlow = _mm256_set1_ps(low), vlowest = _mm256_set1_ps(kLowest);
+  __m256d mass_d = _mm256_setzero_pd(), weight_d = _mm256_setzero_pd();
+  while (j + 8 <= vocab) {
+    __m256 mass_f = _mm256_setzero_ps(), weight_f = _mm256_setzero_ps();
+    for (int block = 0; block < 32 && j + 8 <= vocab; ++block, j += 8) {
+      const __m256 v = _mm256_loadu_ps(x + j);
+      const __m256 t = _mm256_sub_ps(v, vm);
+      const __m256 tail = _mm256_and_ps(_mm256_cmp_ps(v, vlow, _CMP_LT_OQ), _mm256_cmp_ps(t, vlowest, _CMP_GE_OQ));
+      low_total += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(v, vlow, _CMP_EQ_OQ)));
+      const __m256 tc = _mm256_max_ps(t, vlowest);
+      const __m256 e = _mm256_and_ps(exp_scaled8(tc), tail);
+      mass_f = _mm256_add_ps(mass_f, e);
+      weight_f = _mm256_fmadd_ps(e, tc, weight_f);
+    }
+    mass_d = _mm256_add_pd(mass_d, _mm256_cvtps_pd(_mm256_castps256_ps128(mass_f)));
+    mass_d = _mm256_add_pd(mass_d, _mm256_cvtps_pd(_mm256_extractf128_ps(mass_f, 1)));
+    weight_d = _mm256_add_pd(weight_d, _mm256_cvtps_pd(_mm256_castps256_ps128(weight_f)));
+    weight_d = _mm256_add_pd(weight_d, _mm256_cvtps_pd(_mm256_extractf128_ps(weight_f, 1)));
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, mass_d);
+  mass = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  _mm256_store_pd(lanes, weight_d);
+  weight = lanes[0] + lanes[1] + lanes[2] + lanes[3];
 #endif
   for (; j < vocab; ++j) {
     const float v = x[j];
@@ -298,9 +389,11 @@ void run_rows(const float* x, int64_t row_begin, int64_t row_end, int64_t vocab,
 
 extern "C" {
 
-// 1 when the selection and tail passes are AVX-512 vector loops, 0 when they are scalar.
+// Which loops this build runs: 2 AVX-512, 1 AVX2 with FMA, 0 scalar.
 int llmgraft_top_n_vectorized() {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
+  return 2;
+#elif defined(LLMGRAFT_AVX2)
   return 1;
 #else
   return 0;
