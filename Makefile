@@ -37,6 +37,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/bench_top_h.py --out benchmarks/results/top_h
+	LLMGRAFT_NATIVE_FLAGS=-mno-avx512f $(PY) benchmarks/bench_top_h.py --no-context --out benchmarks/results/top_h_avx2
 	$(PY) benchmarks/bench_samplers.py --out benchmarks/results/samplers
 	$(PY) benchmarks/bench_decode.py --out benchmarks/results/decode
 	$(VENV)/bin/llmgraft lab --model llmgraft/assets/code-lm --prompts benchmarks/lab_prompts.json \
