@@ -93,37 +93,43 @@ def build(cxx: str, extra_flags: tuple[str, ...] = ()) -> Path:
 
 def load(extra_flags: tuple[str, ...] = ()):
     """The library's ``llmgraft_top_n`` function with its ``vectorized`` flag and ``isa`` name, or None when it
-    cannot be built
-    (or, for the default flags, when the CPU has no vector unit the kernel uses and the build would go unused).
+    cannot be built (or, for the default flags, when the CPU has no vector unit the kernel uses, so the build
+    would go unused).
 
-    Built and loaded once per process and flag set; a failure is logged once and not retried.
+    Built and loaded once per process and flag set; a failure is logged once and not retried. Samplers call
+    this on every step, so a settled flag set is answered without taking the lock.
     """
     key = tuple(extra_flags)
+    if key in _loaded:
+        return _loaded[key]
     with _lock:
         if key not in _loaded:
-            _loaded[key] = None
-            cxx = compiler()
-            flags = set(_cpu_signature().split())
-            if not key and "avx512f" not in flags and not {"avx2", "fma"} <= flags:
-                log.info("llmgraft: no AVX-512 or AVX2 on this CPU; the truncation samplers use their torch path")
-            elif cxx is None:
-                log.info("llmgraft: no C++ compiler found; the truncation samplers use their torch path")
-            else:
-                try:
-                    library = ctypes.CDLL(str(build(cxx, key)))
-                except (OSError, RuntimeError) as err:
-                    log.warning("llmgraft: the native top-N kernel is unavailable, using torch: %s", err)
-                else:
-                    function = library.llmgraft_top_n
-                    function.restype = ctypes.c_int
-                    function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                         ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                         ctypes.c_void_p, ctypes.c_int]
-                    level = library.llmgraft_top_n_vectorized()
-                    function.vectorized = level > 0
-                    function.isa = ("scalar", "AVX2", "AVX-512")[level]
-                    _loaded[key] = function
+            _loaded[key] = _build_and_load(key)  # published once settled: lock-free readers never see a gap
         return _loaded[key]
+
+
+def _build_and_load(key: tuple[str, ...]):
+    cxx = compiler()
+    flags = set(_cpu_signature().split())
+    if not key and "avx512f" not in flags and not {"avx2", "fma"} <= flags:
+        log.info("llmgraft: no AVX-512 or AVX2 on this CPU; the truncation samplers use their torch path")
+        return None
+    if cxx is None:
+        log.info("llmgraft: no C++ compiler found; the truncation samplers use their torch path")
+        return None
+    try:
+        library = ctypes.CDLL(str(build(cxx, key)))
+    except (OSError, RuntimeError) as err:
+        log.warning("llmgraft: the native top-N kernel is unavailable, using torch: %s", err)
+        return None
+    function = library.llmgraft_top_n
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    level = library.llmgraft_top_n_vectorized()
+    function.vectorized = level > 0
+    function.isa = ("scalar", "AVX2", "AVX-512")[level]
+    return function
 
 
 def describe() -> str:
